@@ -1,0 +1,138 @@
+"""The command line: sub-commands, and the one place errors become exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from procpoll import __version__, logs
+from procpoll.config import Config, load_config
+from procpoll.errors import ConfigError, LedgerError
+
+EX_OK = 0
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+log = structlog.get_logger("procpoll.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `procpoll` and `python -m procpoll`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return EX_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except FileNotFoundError as exc:
+        print(f"procpoll: no such file: {exc.filename}", file=sys.stderr)
+        return EX_NOINPUT
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"procpoll: config: {line}", file=sys.stderr)
+        return EX_CONFIG
+    except LedgerError as exc:
+        print(f"procpoll: ledger: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="procpoll",
+        description="Reliable-callback daemon for Tencent Cloud VOD: pull events, deliver them "
+                    "to sinks, confirm them only after delivery.")
+    parser.add_argument("--version", action="version", version=f"procpoll {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon until SIGTERM")
+    _config_arg(run)
+    run.set_defaults(func=_cmd_run)
+
+    once = sub.add_parser("once", help="pull one batch per sub-app, deliver, confirm, exit "
+                                       "(0 = all delivered, 75 = some not)")
+    _config_arg(once)
+    once.set_defaults(func=_cmd_once)
+
+    check = sub.add_parser("check", help="validate a config file (exit 0, 78 or 66)")
+    _config_arg(check)
+    check.set_defaults(func=_cmd_check)
+
+    emulate = sub.add_parser("emulate", help="serve a local VOD API emulator",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from procpoll.emulator import command as emulator_command  # noqa: PLC0415 -- keep run light
+
+    emulator_command.configure_parser(emulate)
+    emulate.set_defaults(func=emulator_command.run)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, required=True,
+                        help="the TOML config file (see config.example.toml)")
+
+
+def _start(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    logs.configure(config.log.level, config.log.format)
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
+
+    config = _start(args)
+    return Daemon(config).run()
+
+
+def _cmd_once(args: argparse.Namespace) -> int:
+    from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
+
+    config = _start(args)
+    return Daemon(config).once()
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print("ok")
+    print(json.dumps(summary(config), indent=2, ensure_ascii=False))
+    return EX_OK
+
+
+def summary(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, with every secret masked."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, bytes):
+            return "***"
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    data: dict[str, Any] = plain(config)
+    for sink in data["sinks"]:
+        options = sink.get("options") or {}
+        for key in ("headers",):
+            if key in options:
+                options[key] = {k: "***" for k in options[key]}
+    return data

@@ -1,0 +1,258 @@
+"""TOML configuration → frozen dataclasses; every check of the file's shape lives here."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from procpoll.errors import ConfigError
+from procpoll.schema import Problems, Table
+from procpoll.sinks import SINK_TYPES
+from procpoll.sinks.base import SinkConfig
+
+VOD_HOLD_S = 5.0
+"""PullEvents holds an idle request this long; the client timeout must exceed it."""
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class VodConfig:
+    """[vod]: where the API is and how to call it."""
+
+    endpoint: str = "vod.tencentcloudapi.com"
+    scheme: str = "https"
+    region: str = ""
+    sub_app_ids: tuple[int, ...] = ()
+    request_timeout_s: float = 10.0
+    confirm_window_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    """[credentials]: optional files holding the secrets, and the opt-in CVM role."""
+
+    secret_id_file: Path | None = None
+    secret_key_file: Path | None = None
+    session_token_file: Path | None = None
+    profile_file: Path | None = None
+    cvm_role: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """[ledger]: the delivery memory."""
+
+    path: Path = Path("ledger.sqlite3")
+    retention_s: float = 7 * DAY_S
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """[daemon]: concurrency, policies and lifecycle."""
+
+    concurrency: int = 16
+    pullers: int = 2
+    max_in_flight: int = 256
+    unrouted: str = "confirm"
+    max_age_s: float = 2 * DAY_S
+    confirm_margin_s: float = 2.0
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]: level and format of the JSON log on stdout."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterConfig:
+    """[dead_letter]: where poison events go before they are confirmed ("" = nowhere)."""
+
+    directory: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration."""
+
+    source: str = "<defaults>"
+    vod: VodConfig = field(default_factory=VodConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
+    sinks: tuple[SinkConfig, ...] = ()
+
+
+def default_ledger_path(environ: dict[str, str] | None = None) -> Path:
+    """Under $STATE_DIRECTORY (systemd StateDirectory=) when set, else the working directory."""
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state or ".") / "ledger.sqlite3"
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem.
+
+    A missing file raises FileNotFoundError so the CLI can exit 66 (EX_NOINPUT).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax: {exc}") from None
+    return parse_config(document, str(path))
+
+
+def parse_config(document: dict[str, Any], source: str) -> Config:
+    """Validate a decoded TOML document into a Config; raise ConfigError listing every problem."""
+    problems = Problems(source)
+    top = Table(document, "", problems)
+    config = Config(
+        source=source,
+        vod=_vod(top.table("vod")),
+        credentials=_credentials(top.table("credentials")),
+        ledger=_ledger(top.table("ledger")),
+        daemon=_daemon(top.table("daemon")),
+        log=_log(top.table("log")),
+        dead_letter=_dead_letter(top.table("dead_letter")),
+        sinks=_sinks(top, problems),
+    )
+    top.finish()
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return config
+
+
+def _vod(t: Table) -> VodConfig:
+    d = VodConfig()
+    vod = VodConfig(
+        endpoint=t.text("endpoint", d.endpoint),
+        scheme=t.text("scheme", d.scheme, choices=("https", "http")),
+        region=t.text("region", d.region),
+        sub_app_ids=t.integers("sub_app_ids", d.sub_app_ids, low=1),
+        request_timeout_s=t.seconds("request_timeout", d.request_timeout_s, high=300),
+        confirm_window_s=t.seconds("confirm_window", d.confirm_window_s, low=0, low_inclusive=False,
+                                   high=300),
+    )
+    if not vod.endpoint or "/" in vod.endpoint:
+        t.bad("endpoint", f"expected host[:port] without scheme or path, got {vod.endpoint!r}")
+    if vod.request_timeout_s <= VOD_HOLD_S:
+        t.bad("request_timeout", f"must be > {VOD_HOLD_S:g} s: PullEvents holds an idle request "
+                                 f"that long (got {vod.request_timeout_s:g})")
+    if len(set(vod.sub_app_ids)) != len(vod.sub_app_ids):
+        t.bad("sub_app_ids", "duplicate sub-application id")
+    t.finish()
+    return vod
+
+
+def _credentials(t: Table) -> CredentialsConfig:
+    d = CredentialsConfig()
+    creds = CredentialsConfig(
+        secret_id_file=t.file_path("secret_id_file", d.secret_id_file),
+        secret_key_file=t.file_path("secret_key_file", d.secret_key_file),
+        session_token_file=t.file_path("session_token_file", d.session_token_file),
+        profile_file=t.file_path("profile_file", d.profile_file),
+        cvm_role=t.text("cvm_role", d.cvm_role),
+    )
+    if (creds.secret_id_file is None) != (creds.secret_key_file is None):
+        t.bad("secret_id_file", "secret_id_file and secret_key_file go together")
+    for key in ("secret_id", "secret_key", "session_token"):
+        if t.has(key):
+            t.bad(key, f"secrets do not belong in the config file: use {key}_file, "
+                       "the environment or systemd LoadCredential=")
+    t.finish()
+    return creds
+
+
+def _ledger(t: Table) -> LedgerConfig:
+    ledger = LedgerConfig(
+        path=t.file_path("path", default_ledger_path()),
+        retention_s=t.seconds("retention", LedgerConfig().retention_s, low=60),
+    )
+    t.finish()
+    return ledger
+
+
+def _daemon(t: Table) -> DaemonConfig:
+    d = DaemonConfig()
+    daemon = DaemonConfig(
+        concurrency=t.integer("concurrency", d.concurrency, low=1, high=1024),
+        pullers=t.integer("pullers", d.pullers, low=1, high=16),
+        max_in_flight=t.integer("max_in_flight", d.max_in_flight, low=16, high=100_000),
+        unrouted=t.text("unrouted", d.unrouted, choices=("confirm", "leave")),
+        max_age_s=t.seconds("max_age", d.max_age_s, low=1),
+        confirm_margin_s=t.seconds("confirm_margin", d.confirm_margin_s, high=20),
+        shutdown_grace_s=t.seconds("shutdown_grace", d.shutdown_grace_s, high=600),
+    )
+    t.finish()
+    return daemon
+
+
+def _log(t: Table) -> LogConfig:
+    d = LogConfig()
+    log = LogConfig(
+        level=t.text("level", d.level, choices=("debug", "info", "warning", "error")),
+        format=t.text("format", d.format, choices=("json", "console")),
+    )
+    t.finish()
+    return log
+
+
+def _dead_letter(t: Table) -> DeadLetterConfig:
+    directory = t.text("directory", "")
+    t.finish()
+    return DeadLetterConfig(directory=Path(directory) if directory else None)
+
+
+def _sinks(top: Table, problems: Problems) -> tuple[SinkConfig, ...]:
+    raw = top.claim("sinks", [])
+    if not isinstance(raw, list):
+        top.bad("sinks", "expected an array of tables ([[sinks]])")
+        return ()
+    sinks: list[SinkConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        t = Table(item, f"sinks[{index}]", problems)
+        sink = _sink(t)
+        if sink is None:
+            continue
+        if sink.name in names:
+            t.bad("name", f"duplicate sink name {sink.name!r}")
+        names.add(sink.name)
+        sinks.append(sink)
+    return tuple(sinks)
+
+
+def _sink(t: Table) -> SinkConfig | None:
+    name = t.text("name", "")
+    if t.has("name") and not name.strip():
+        t.bad("name", "expected a non-empty name")
+    kind = t.text("type", "", choices=tuple(SINK_TYPES))
+    events = t.texts("events", None)
+    statuses = t.texts("statuses", None)
+    sub_app_ids = t.integers("sub_app_ids", None, low=0)
+    timeout_s = t.seconds("timeout", 10.0, low=0, low_inclusive=False, high=3600)
+    retries = t.integer("retries", 3, low=0, high=100)
+    backoff_s = t.seconds("backoff", 0.5, high=60)
+    backoff_max_s = t.seconds("backoff_max", 5.0, high=600)
+    max_attempts = t.integer("max_attempts", 10, low=1, high=10_000)
+    if kind not in SINK_TYPES:
+        return None
+    options = SINK_TYPES[kind].parse_options(t)
+    t.finish()
+    return SinkConfig(name=name, type=kind, events=events, statuses=statuses,
+                      sub_app_ids=sub_app_ids, timeout_s=timeout_s, retries=retries,
+                      backoff_s=backoff_s, backoff_max_s=backoff_max_s,
+                      max_attempts=max_attempts, options=options)

@@ -1,0 +1,295 @@
+"""The daemon: pull loops, lifecycle, signals, the watchdog and `once`.
+
+Threads: `pullers` pull loops per sub-app, the dispatcher's workers, the confirmer's
+threads, and the main thread, which only waits, feeds the watchdog and handles
+reload and stop. Signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+
+from procpoll.config import Config
+from procpoll.confirm import Confirmer
+from procpoll.deadletter import DeadLetter
+from procpoll.dispatch import Dispatcher, Policy, Receipt, Route
+from procpoll.errors import ApiError, AuthError, EventParseError
+from procpoll.events import parse_event
+from procpoll.ledger import Ledger
+from procpoll.sinks import build_sink
+from procpoll.systemd import Notifier, watchdog_interval_s
+from procpoll.vod import CredentialChain, TencentVod, VodApi
+
+log = structlog.get_logger("procpoll.daemon")
+
+EX_OK = 0
+EX_TEMPFAIL = 75
+AUTH_BACKOFF_S = 60.0
+PRUNE_EVERY_S = 3600.0
+_NO_ANSWER_CODES = {"ClientNetworkError", "ServerNetworkError", "InvalidResponse"}
+
+
+class _Stopped(Exception):
+    """The daemon is stopping: leave the retry loop."""
+
+
+class Daemon:
+    """One procpoll process: everything `procpoll run` and `procpoll once` need."""
+
+    def __init__(self, config: Config, *, client_factory: Callable[[], VodApi] | None = None,
+                 environ: dict[str, str] | None = None, notifier: Notifier | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.credentials = CredentialChain(config.credentials, environ)
+        self._factory = client_factory or (lambda: TencentVod(config.vod, self.credentials))
+        self._notifier = notifier or Notifier.from_env(environ)
+        self._clock = clock
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._signals = 0
+        self._last_answer = clock()
+        self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
+        self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s)
+        self.dead_letter = DeadLetter(config.dead_letter.directory) \
+            if config.dead_letter.directory else None
+        self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
+                                   on_progress=self._answered)
+        self.dispatcher = Dispatcher(
+            [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
+            lambda receipt, _event: self.confirmer.submit(receipt),
+            policy=Policy(concurrency=config.daemon.concurrency,
+                          max_in_flight=config.daemon.max_in_flight,
+                          unrouted=config.daemon.unrouted, max_age_s=config.daemon.max_age_s,
+                          confirm_margin_s=config.daemon.confirm_margin_s),
+            dead_letter=self.dead_letter, stop=self.stop_event, clock=clock)
+        self._pullers: list[threading.Thread] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Pull, deliver and confirm until SIGTERM/SIGINT; returns the exit status."""
+        self._announce()
+        self._install_signals()
+        self.dispatcher.start()
+        self.confirmer.start()
+        for app in self.apps:
+            for n in range(self.config.daemon.pullers):
+                thread = threading.Thread(target=self._pull_loop, args=(app,), daemon=True,
+                                          name=f"pull-{app or 0}-{n}")
+                thread.start()
+                self._pullers.append(thread)
+        self._notifier.ready(status="pulling")
+        self._main_loop()
+        return self._shutdown()
+
+    def once(self) -> int:
+        """One pull per sub-app, deliver, confirm, exit: 0 if all delivered, 75 if not."""
+        self._announce()
+        self.dispatcher.start()
+        self.confirmer.start()
+        api = self._factory()
+        for app in self.apps:
+            sent_at, items = self._pull(api, app)
+            self._accept(app, sent_at, items)
+        self.dispatcher.wait_idle(self.config.vod.confirm_window_s * 4)
+        self.confirmer.drain(self.config.vod.confirm_window_s)
+        self.stop_event.set()
+        self.dispatcher.close()
+        self._close()
+        failed = self.dispatcher.counters["failed"]
+        log.info("daemon.once_done", **self.dispatcher.counters, confirmed=self.confirmer.confirmed)
+        return EX_TEMPFAIL if failed else EX_OK
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (what SIGTERM does)."""
+        self.stop_event.set()
+        self._wake.set()
+
+    def _announce(self) -> None:
+        secrets = self.credentials.get()
+        log.info("daemon.started", pid=os.getpid(), credentials=secrets.source,
+                 endpoint=self.config.vod.endpoint, sub_app_ids=[a or 0 for a in self.apps],
+                 sinks=[r.config.name for r in self.dispatcher.routes],
+                 ledger=str(self.config.ledger.path))
+        removed = self.ledger.prune()
+        if removed:
+            log.info("ledger.pruned", rows=removed)
+
+    def _main_loop(self) -> None:
+        interval = watchdog_interval_s()
+        next_prune = self._clock() + PRUNE_EVERY_S
+        while not self.stop_event.is_set():
+            self._wake.wait(min(interval or 5.0, 5.0))
+            self._wake.clear()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            if interval is not None and self._clock() - self._last_answer < interval * 2:
+                self._notifier.watchdog()
+            if self._clock() >= next_prune:
+                next_prune = self._clock() + PRUNE_EVERY_S
+                self.ledger.prune()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the credentials (files may have been rotated)."""
+        self._notifier.reloading()
+        try:
+            source = self.credentials.reload().source
+        except Exception as exc:  # noqa: BLE001 -- a bad reload must not stop the daemon
+            log.error("config.reload_failed", error=str(exc))
+        else:
+            log.info("config.reloaded", credentials=source)
+        self._notifier.ready(status="pulling")
+
+    def _shutdown(self) -> int:
+        grace = self.config.daemon.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        self._notifier.stopping()
+        log.info("daemon.stopping", in_flight=self.dispatcher.in_flight, grace_s=grace)
+        self.dispatcher.close()
+        finished = self.dispatcher.join(grace)
+        self.confirmer.drain(max(0.5, deadline - time.monotonic()))
+        self._close()
+        log.info("daemon.stopped", abandoned=0 if finished else self.dispatcher.in_flight,
+                 confirmed=self.confirmer.confirmed, **self.dispatcher.counters)
+        return EX_OK
+
+    def _close(self) -> None:
+        for route in self.dispatcher.routes:
+            try:
+                route.sink.close()
+            except Exception:  # noqa: BLE001 -- closing one sink must not stop the others
+                log.exception("sink.close_failed", sink=route.config.name)
+        self.ledger.close()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(128 + signum)
+        self.stop()
+
+    def _on_reload_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    # --- pulling -------------------------------------------------------------------------
+
+    def _answered(self) -> None:
+        self._last_answer = self._clock()
+
+    def _pull_loop(self, app: int | None) -> None:
+        api = self._factory()
+        while not self.stop_event.is_set():
+            if not self.dispatcher.wait_capacity(1.0):
+                continue
+            delay = self.dispatcher.pull_delay_s()
+            if delay:
+                log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
+                if self.stop_event.wait(delay):
+                    return
+            try:
+                sent_at, items = self._pull(api, app)
+            except _Stopped:
+                return
+            self._accept(app, sent_at, items)
+
+    def _pull(self, api: VodApi, app: int | None) -> tuple[float, list[Any]]:
+        """PullEvents, retried with capped, jittered backoff until it answers or we stop."""
+        retrying = Retrying(retry=retry_if_exception_type(ApiError), wait=_pull_wait,
+                            sleep=self._sleep, before_sleep=_log_pull_error(app), reraise=True)
+        for attempt in retrying:
+            with attempt:
+                if self.stop_event.is_set():
+                    raise _Stopped
+                sent_at = self._clock()
+                try:
+                    items = api.pull(app)
+                except ApiError as exc:
+                    if exc.code not in _NO_ANSWER_CODES:
+                        self._answered()
+                    raise
+                self._answered()
+                return sent_at, items
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop_event.wait(seconds):
+            raise _Stopped
+
+    def _accept(self, app: int | None, sent_at: float, items: list[Any]) -> None:
+        deadline = sent_at + self.config.vod.confirm_window_s
+        if items:
+            log.debug("events.pulled", sub_app_id=app, count=len(items))
+        for item in items:
+            try:
+                event = parse_event(item)
+            except EventParseError as exc:
+                self._set_aside(app, item, exc, deadline)
+                continue
+            self.dispatcher.submit(event, Receipt(event.handle, app, deadline))
+
+    def _set_aside(self, app: int | None, item: Any, exc: EventParseError, deadline: float) -> None:
+        """An item that is not an event: dead-letter it and confirm it, or leave it in VOD."""
+        handle = item.get("EventHandle") if isinstance(item, dict) else None
+        key = hashlib.sha256(repr(item).encode("utf-8", "replace")).hexdigest()[:32]
+        bound = log.bind(sub_app_id=app, event_key=key, path=exc.path, error=exc.reason)
+        if not isinstance(handle, str) or not handle:
+            bound.error("event.unparseable", action="no handle: cannot confirm it")
+            return
+        if self.dead_letter is None:
+            bound.error("event.unparseable", action="left in VOD: no [dead_letter] directory")
+            return
+        try:
+            path = self.dead_letter.write_unparsed(item, app, reason=str(exc), key=key)
+        except OSError as err:
+            bound.error("deadletter.write_failed", error=str(err))
+            return
+        bound.error("event.dead_lettered", path=str(path))
+        self.confirmer.submit(Receipt(handle, app, deadline))
+
+
+def _pull_wait(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, AuthError):
+        # Keys get rotated: try about once a minute, not in a tight loop.
+        return random.uniform(AUTH_BACKOFF_S * 0.9, AUTH_BACKOFF_S * 1.1)  # noqa: S311 -- jitter
+    return float(_EXPONENTIAL(state))
+
+
+_EXPONENTIAL = wait_random_exponential(multiplier=0.5, max=30)
+
+
+def _log_pull_error(app: int | None) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait_s = state.next_action.sleep if state.next_action else 0.0
+        fields: dict[str, Any] = {"sub_app_id": app, "attempt": state.attempt_number,
+                                  "wait_s": round(wait_s, 2)}
+        if isinstance(exc, ApiError):
+            fields.update(code=exc.code, error=exc.message, request_id=exc.request_id)
+        if isinstance(exc, AuthError):
+            log.error("api.auth_failed", **fields)
+        else:
+            log.warning("api.pull_failed", **fields)
+
+    return before_sleep
+

@@ -1,0 +1,88 @@
+"""structlog setup: one JSON object per line on stdout, secrets redacted from every line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[redacted]"
+
+_secrets_lock = threading.Lock()
+_secrets: tuple[str, ...] = ()
+
+
+def register_secret(value: str | None) -> None:
+    """Never let `value` appear in a log line, whatever the level or traceback."""
+    global _secrets  # noqa: PLW0603 -- one process-wide set, swapped atomically
+    if not value or len(value) < 4:
+        return
+    with _secrets_lock:
+        if value not in _secrets:
+            # Longest first, so a secret containing another is redacted whole.
+            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _render_redacted(renderer: Any) -> Any:
+    def render(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
+        return redact(str(renderer(logger, name, event_dict)))
+
+    return render
+
+
+class _StdlibBridge(logging.Handler):
+    """Sends records of libraries (urllib3, the SDK) through the same JSON pipeline."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger(record.name)
+        level = record.levelname.lower()
+        kwargs: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            kwargs["exc_info"] = record.exc_info
+        getattr(log, level if level in {"debug", "info", "warning", "error"} else "error")(
+            "library.log", **kwargs
+        )
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog (and route stdlib logging through it) for the whole process."""
+    out = stream if stream is not None else sys.stdout
+    renderer: Any = (
+        structlog.processors.JSONRenderer(ensure_ascii=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.dict_tracebacks if fmt == "json"
+            else structlog.processors.format_exc_info,
+            _render_redacted(renderer),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibBridge):
+            root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(logging.WARNING)

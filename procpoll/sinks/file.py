@@ -1,0 +1,90 @@
+"""The file sink: one normal-callback JSON object per line, fsync'd before it counts."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from procpoll.errors import SinkError
+from procpoll.schema import Table
+from procpoll.sinks.base import Delivery, Sink, SinkConfig, SinkType
+
+
+@dataclass(frozen=True, slots=True)
+class FileOptions:
+    """[[sinks]] keys of type "file"."""
+
+    path: Path
+    fsync: bool = True
+
+
+def parse_options(t: Table) -> FileOptions:
+    """Read the file sink's own keys."""
+    return FileOptions(path=t.file_path("path", Path("events.jsonl")), fsync=t.flag("fsync", True))
+
+
+class FileSink:
+    """Appends events to a JSON-lines file, opened once, shared by all workers."""
+
+    def __init__(self, name: str, options: FileOptions) -> None:
+        self.name = name
+        self._options = options
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._options.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._options.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A crash cut the last line short: start on a fresh line.
+                os.write(fd, b"\n")
+            self._fd = fd
+        return self._fd
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Append the event's line and make it durable."""
+        line = delivery.event.callback_body() + b"\n"
+        with self._lock:
+            start = None
+            try:
+                fd = self._open()
+                start = os.fstat(fd).st_size
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self._options.fsync:
+                    os.fsync(fd)
+            except OSError as exc:
+                self._undo(start)
+                raise SinkError(f"{self._options.path}: {exc.strerror or exc}") from exc
+
+    def _undo(self, start: int | None) -> None:
+        """Cut a half-written line (disk full) so a retry does not leave junk behind."""
+        if self._fd is not None and start is not None:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._close_fd()
+
+
+def build(config: SinkConfig) -> Sink:
+    """Build a FileSink from its config."""
+    assert isinstance(config.options, FileOptions)  # noqa: S101 -- the registry guarantees it
+    return FileSink(config.name, config.options)
+
+
+TYPE = SinkType(parse_options=parse_options, build=build)

@@ -1,0 +1,321 @@
+"""The VOD API adapter: the only module that imports tencentcloud.
+
+It owns the SDK client, the credential chain and the mapping of every SDK outcome
+(errors, quirks, junk replies) onto procpoll's own error types.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+from tencentcloud.common.common_client import CommonClient
+from tencentcloud.common.exception.tencent_cloud_sdk_exception import (
+    TencentCloudSDKException,
+)
+from tencentcloud.common.profile.client_profile import ClientProfile
+from tencentcloud.common.profile.http_profile import HttpProfile
+
+from procpoll.config import Config, CredentialsConfig, VodConfig
+from procpoll.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    ExpiredHandleError,
+    PermanentApiError,
+    TransientApiError,
+)
+from procpoll.logs import register_secret
+
+MAX_HANDLES_PER_CONFIRM = 16
+API_VERSION = "2018-07-17"
+
+_TRANSIENT_CODES = ("RequestLimitExceeded", "InternalError", "ClientNetworkError",
+                    "ServerNetworkError", "FailedOperation.Timeout")
+
+
+class VodApi(Protocol):
+    """What the daemon needs from VOD."""
+
+    def pull(self, sub_app_id: int | None) -> list[Any]:
+        """PullEvents: the EventSet items ([] when the queue is empty)."""
+
+    def confirm(self, sub_app_id: int | None, handles: Sequence[str]) -> None:
+        """ConfirmEvents for ≤ 16 handles."""
+
+    def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
+        """DescribeEventConfig: the Response dict (Mode, NotificationUrl, …)."""
+
+
+# --- credentials -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """One set of API credentials and where they came from (never the values in logs)."""
+
+    secret_id: str
+    secret_key: str
+    token: str | None
+    source: str
+
+
+class CredentialChain:
+    """Finds credentials, first found wins, and re-reads files when they change.
+
+    Order: environment, $CREDENTIALS_DIRECTORY (systemd LoadCredential=), the
+    [credentials] files, the SDK profile file, the CVM role (only when configured:
+    it calls the instance metadata service).
+    """
+
+    CREDENTIAL_NAMES = ("secret-id", "secret-key", "session-token")
+
+    def __init__(self, config: CredentialsConfig, environ: Mapping[str, str] | None = None) -> None:
+        self._config = config
+        self._environ = dict(os.environ if environ is None else environ)
+        self._lock = threading.Lock()
+        self._stamp: tuple[Any, ...] | None = None
+        self._current: Secrets | None = None
+
+    def tried(self) -> list[str]:
+        """The sources this chain looks at, in order, for error messages."""
+        creds_dir = self._environ.get("CREDENTIALS_DIRECTORY")
+        sources = ["env TENCENTCLOUD_SECRET_ID/TENCENTCLOUD_SECRET_KEY"]
+        sources.append(f"$CREDENTIALS_DIRECTORY/{{secret-id,secret-key}} ({creds_dir or 'unset'})")
+        if self._config.secret_id_file:
+            sources.append(f"files {self._config.secret_id_file}, {self._config.secret_key_file}")
+        sources.append(f"profile file {', '.join(str(p) for p in self._profile_paths())}")
+        sources.append(f"CVM role {self._config.cvm_role!r}" if self._config.cvm_role
+                       else "CVM role (not configured: [credentials] cvm_role)")
+        return sources
+
+    def get(self) -> Secrets:
+        """The current credentials; files are re-read when their mtime changes."""
+        stamp = self._file_stamp()
+        with self._lock:
+            if self._current is None or stamp != self._stamp:
+                self._current = self._resolve()
+                self._stamp = stamp
+                for value in (self._current.secret_id, self._current.secret_key,
+                              self._current.token):
+                    register_secret(value)
+            return self._current
+
+    def reload(self) -> Secrets:
+        """Forget what was read and look again (SIGHUP)."""
+        with self._lock:
+            self._current = None
+        return self.get()
+
+    def get_credential_info(self) -> tuple[str, str, str | None]:
+        """The SDK's credential interface: read at every request it signs."""
+        secrets = self.get()
+        return secrets.secret_id, secrets.secret_key, secrets.token
+
+    def _file_paths(self) -> list[Path]:
+        paths = [p for p in (self._config.secret_id_file, self._config.secret_key_file,
+                             self._config.session_token_file) if p]
+        creds_dir = self._environ.get("CREDENTIALS_DIRECTORY")
+        if creds_dir:
+            paths += [Path(creds_dir) / name for name in self.CREDENTIAL_NAMES]
+        return paths + self._profile_paths()
+
+    def _file_stamp(self) -> tuple[Any, ...]:
+        stamp: list[Any] = []
+        for path in self._file_paths():
+            try:
+                st = path.stat()
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _profile_paths(self) -> list[Path]:
+        if self._config.profile_file:
+            return [self._config.profile_file]
+        home = self._environ.get("HOME", "")
+        paths = [Path(home) / ".tencentcloud" / "credentials"] if home else []
+        return [*paths, Path("/etc/tencentcloud/credentials")]
+
+    def _resolve(self) -> Secrets:
+        env = self._environ
+        if env.get("TENCENTCLOUD_SECRET_ID") and env.get("TENCENTCLOUD_SECRET_KEY"):
+            # The SDK's own env provider drops the session token; we do not.
+            return _secrets(env["TENCENTCLOUD_SECRET_ID"], env["TENCENTCLOUD_SECRET_KEY"],
+                            env.get("TENCENTCLOUD_SESSION_TOKEN"), "environment")
+        creds_dir = env.get("CREDENTIALS_DIRECTORY")
+        if creds_dir:
+            found = _read_files(*(Path(creds_dir) / n for n in self.CREDENTIAL_NAMES))
+            if found:
+                return _secrets(*found, source="credentials-directory")
+        cfg = self._config
+        if cfg.secret_id_file and cfg.secret_key_file:
+            found = _read_files(cfg.secret_id_file, cfg.secret_key_file, cfg.session_token_file,
+                                required=True)
+            if found:
+                return _secrets(*found, source="config-files")
+        for path in self._profile_paths():
+            profile = _read_profile(path)
+            if profile:
+                return _secrets(*profile, source=f"profile:{path}")
+        if cfg.cvm_role:
+            return _cvm_role(cfg.cvm_role)
+        raise ConfigError("no VOD credentials found; tried: " + "; ".join(self.tried()))
+
+
+def _secrets(secret_id: str, secret_key: str, token: str | None, source: str) -> Secrets:
+    return Secrets(secret_id.strip(), secret_key.strip(), (token or "").strip() or None, source)
+
+
+def _read_files(id_path: Path, key_path: Path, token_path: Path | None,
+                required: bool = False) -> tuple[str, str, str | None] | None:
+    try:
+        secret_id = id_path.read_text(encoding="utf-8")
+        secret_key = key_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"credential file missing: {id_path} or {key_path}") from None
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"credential file unreadable: {exc}") from None
+    token = None
+    if token_path is not None:
+        try:
+            token = token_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            token = None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"credential file unreadable: {exc}") from None
+    if not secret_id.strip() or not secret_key.strip():
+        raise ConfigError(f"credential file empty: {id_path} or {key_path}")
+    return secret_id, secret_key, token
+
+
+def _read_profile(path: Path) -> tuple[str, str, str | None] | None:
+    parser = configparser.ConfigParser()
+    try:
+        if not parser.read(path, encoding="utf-8"):
+            return None
+    except (configparser.Error, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"profile file {path}: {exc}") from None
+    section = parser["default"] if parser.has_section("default") else None
+    if section is None or not section.get("secret_id") or not section.get("secret_key"):
+        return None
+    return section["secret_id"], section["secret_key"], section.get("token")
+
+
+def _cvm_role(role: str) -> Secrets:
+    from tencentcloud.common.credential import CVMRoleCredential  # noqa: PLC0415 -- opt-in path
+
+    try:
+        cred = CVMRoleCredential(None if role == "auto" else role)
+        secret_id, secret_key, token = cred.get_credential_info()
+    except Exception as exc:  # noqa: BLE001 -- the SDK raises anything from urlopen
+        raise ConfigError(f"CVM role {role!r}: {type(exc).__name__}") from None
+    if not secret_id or not secret_key:
+        raise ConfigError(f"CVM role {role!r}: the metadata service gave no credentials")
+    return _secrets(secret_id, secret_key, token, f"cvm-role:{role}")
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+def classify(code: str, message: str, request_id: str | None = None) -> ApiError:
+    """Map an API or SDK error code onto what the caller does next."""
+    if code.startswith("AuthFailure") or code in {"UnauthorizedOperation", "InvalidCredential"}:
+        return AuthError(code, message, request_id)
+    if code.startswith(_TRANSIENT_CODES):
+        return TransientApiError(code, message, request_id)
+    return PermanentApiError(code, message, request_id)
+
+
+class TencentVod:
+    """VodApi over the SDK's CommonClient; one instance per thread (it owns a Session)."""
+
+    def __init__(self, config: VodConfig, credentials: CredentialChain) -> None:
+        http = HttpProfile(protocol=config.scheme, endpoint=config.endpoint,
+                           reqTimeout=config.request_timeout_s, keepAlive=True)
+        # Our own retry policy decides; the SDK's retryer sleeps after the last failure,
+        # and its region breaker turns network errors into AttributeError.
+        profile = ClientProfile(httpProfile=http, disable_region_breaker=True, language="en-US")
+        self._client = CommonClient("vod", API_VERSION, credentials, config.region,
+                                    profile=profile)
+
+    def pull(self, sub_app_id: int | None) -> list[Any]:
+        """PullEvents; ResourceNotFound ('no event') is an empty list, not an error."""
+        try:
+            response = self._call("PullEvents", _with_app({}, sub_app_id))
+        except PermanentApiError as exc:
+            if exc.code == "ResourceNotFound":
+                return []
+            raise
+        events = response.get("EventSet")
+        if events is None:
+            return []
+        if not isinstance(events, list):
+            raise TransientApiError("InvalidResponse", "EventSet is not a list")
+        return events
+
+    def confirm(self, sub_app_id: int | None, handles: Sequence[str]) -> None:
+        """ConfirmEvents; a refused handle raises ExpiredHandleError."""
+        if not 1 <= len(handles) <= MAX_HANDLES_PER_CONFIRM:
+            raise ValueError(f"ConfirmEvents takes 1..16 handles, got {len(handles)}")
+        try:
+            self._call("ConfirmEvents", _with_app({"EventHandles": list(handles)}, sub_app_id))
+        except PermanentApiError as exc:
+            if exc.code.startswith("InvalidParameterValue"):
+                raise ExpiredHandleError(exc.code, exc.message, exc.request_id) from None
+            raise
+
+    def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
+        """DescribeEventConfig: how VOD delivers events to this application."""
+        return self._call("DescribeEventConfig", _with_app({}, sub_app_id))
+
+    def _call(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            body = self._client.call_json(action, params)
+        except TencentCloudSDKException as exc:
+            raise classify(str(exc.get_code() or "ClientError"), _text(exc.get_message()),
+                           exc.get_request_id()) from None
+        except (requests.RequestException, OSError) as exc:
+            # The body is streamed: a reset while reading it escapes the SDK's wrapper.
+            raise TransientApiError("ClientNetworkError", type(exc).__name__) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not JSON, or JSON without Response: the SDK lets these through unwrapped.
+            raise TransientApiError("InvalidResponse", f"{type(exc).__name__} in reply") from None
+        return _response(body)
+
+
+def _response(body: Any) -> dict[str, Any]:
+    """The Response object; an Error inside it raises (the SDK misses it on odd Content-Types)."""
+    response = body.get("Response") if isinstance(body, dict) else None
+    if not isinstance(response, dict):
+        raise TransientApiError("InvalidResponse", "reply has no Response object")
+    error = response.get("Error")
+    if isinstance(error, dict):
+        raise classify(_text(error.get("Code")) or "UnknownError", _text(error.get("Message")),
+                       _text(response.get("RequestId")) or None)
+    return response
+
+
+def _with_app(params: dict[str, Any], sub_app_id: int | None) -> dict[str, Any]:
+    if sub_app_id is not None:
+        params["SubAppId"] = sub_app_id
+    return params
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value[:500].decode("utf-8", "replace")
+    return "" if value is None else str(value)[:500]
+
+
+def client_factory(config: Config, credentials: CredentialChain) -> Callable[[], VodApi]:
+    """A zero-argument callable that builds one VodApi client (one per thread)."""
+    return lambda: TencentVod(config.vod, credentials)
