@@ -8,6 +8,7 @@ group-committed: each caller waits until its own rows are durable.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -97,7 +98,8 @@ class Ledger:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise LedgerError(f"{self.path}: read failed: {exc}") from exc
-        return {sink: SinkState(attempts, first, bool(done)) for sink, attempts, first, done in rows}
+        return {sink: SinkState(attempts, first, bool(done))
+                for sink, attempts, first, done in rows}
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
         """Durably record outcomes; returns once they are committed, raises LedgerError if not.
@@ -139,10 +141,8 @@ class Ledger:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             error = exc
-            try:
+            with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
                 self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # no transaction left to roll back
         for ticket in batch:
             ticket.error = error
             ticket.done = True
@@ -152,7 +152,8 @@ class Ledger:
         cutoff = self._now() - self.retention_s
         with self._lock:
             try:
-                cursor = self._db.execute("DELETE FROM deliveries WHERE first_seen < ?", (cutoff,))
+                cursor = self._db.execute("DELETE FROM deliveries WHERE first_seen < ?",
+                                          (cutoff,))
             except sqlite3.Error as exc:
                 raise LedgerError(f"{self.path}: prune failed: {exc}") from exc
         return cursor.rowcount

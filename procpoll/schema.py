@@ -104,7 +104,8 @@ class Table:
         value = self._get(key, default)
         if value is default:
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
             self.bad(key, f"expected a duration in seconds (a number), got {_kind(value)}")
             return default
         if value < low or (not low_inclusive and value == low):

@@ -151,7 +151,8 @@ class CredentialChain:
                             env.get("TENCENTCLOUD_SESSION_TOKEN"), "environment")
         creds_dir = env.get("CREDENTIALS_DIRECTORY")
         if creds_dir:
-            found = _read_files(*(Path(creds_dir) / n for n in self.CREDENTIAL_NAMES))
+            names = [Path(creds_dir) / n for n in self.CREDENTIAL_NAMES]
+            found = _read_files(names[0], names[1], names[2])
             if found:
                 return _secrets(*found, source="credentials-directory")
         cfg = self._config
