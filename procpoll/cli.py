@@ -97,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
 
     config = _start(args)
-    return Daemon(config).run()
+    return Daemon(config, config_path=args.config).run()
 
 
 def _cmd_once(args: argparse.Namespace) -> int:
@@ -134,5 +134,5 @@ def summary(config: Config) -> dict[str, Any]:
         options = sink.get("options") or {}
         for key in ("headers",):
             if key in options:
-                options[key] = {k: "***" for k in options[key]}
+                options[key] = dict.fromkeys(options[key], "***")
     return data

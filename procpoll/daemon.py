@@ -14,17 +14,19 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
-from procpoll.config import Config
+from procpoll import logs
+from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
 from procpoll.dispatch import Dispatcher, Policy, Receipt, Route
-from procpoll.errors import ApiError, AuthError, EventParseError
+from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError
 from procpoll.events import parse_event
 from procpoll.ledger import Ledger
 from procpoll.sinks import build_sink
@@ -49,7 +51,8 @@ class Daemon:
 
     def __init__(self, config: Config, *, client_factory: Callable[[], VodApi] | None = None,
                  environ: dict[str, str] | None = None, notifier: Notifier | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 config_path: Path | None = None) -> None:
         self.config = config
         self.credentials = CredentialChain(config.credentials, environ)
         self._factory = client_factory or (lambda: TencentVod(config.vod, self.credentials))
@@ -62,18 +65,14 @@ class Daemon:
         self._last_answer = clock()
         self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
         self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s)
-        self.dead_letter = DeadLetter(config.dead_letter.directory) \
-            if config.dead_letter.directory else None
+        self._config_path = config_path
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
                                    on_progress=self._answered)
         self.dispatcher = Dispatcher(
             [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
             lambda receipt, _event: self.confirmer.submit(receipt),
-            policy=Policy(concurrency=config.daemon.concurrency,
-                          max_in_flight=config.daemon.max_in_flight,
-                          unrouted=config.daemon.unrouted, max_age_s=config.daemon.max_age_s,
-                          confirm_margin_s=config.daemon.confirm_margin_s),
-            dead_letter=self.dead_letter, stop=self.stop_event, clock=clock)
+            policy=self._policy(config), dead_letter=self._dead_letter(config),
+            stop=self.stop_event, clock=clock)
         self._pullers: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -117,6 +116,18 @@ class Daemon:
         self.stop_event.set()
         self._wake.set()
 
+    @staticmethod
+    def _policy(config: Config) -> Policy:
+        return Policy(concurrency=config.daemon.concurrency,
+                      max_in_flight=config.daemon.max_in_flight, unrouted=config.daemon.unrouted,
+                      max_age_s=config.daemon.max_age_s,
+                      confirm_margin_s=config.daemon.confirm_margin_s)
+
+    @staticmethod
+    def _dead_letter(config: Config) -> DeadLetter | None:
+        directory = config.dead_letter.directory
+        return DeadLetter(directory) if directory else None
+
     def _announce(self) -> None:
         secrets = self.credentials.get()
         log.info("daemon.started", pid=os.getpid(), credentials=secrets.source,
@@ -143,14 +154,38 @@ class Daemon:
                 self.ledger.prune()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the credentials (files may have been rotated)."""
+        """SIGHUP: re-read credentials and the config file; swap in what can change live.
+
+        An invalid file keeps the running config (config.reload_failed). Sinks, filters,
+        policies, the dead-letter directory and the log settings change at once; [vod],
+        [ledger] and the pool sizes need a restart, which the log says.
+        """
         self._notifier.reloading()
         try:
             source = self.credentials.reload().source
-        except Exception as exc:  # noqa: BLE001 -- a bad reload must not stop the daemon
-            log.error("config.reload_failed", error=str(exc))
-        else:
-            log.info("config.reloaded", credentials=source)
+            new = load_config(self._config_path) if self._config_path else self.config
+            routes = [Route(sink, build_sink(sink)) for sink in new.sinks]
+        except (ConfigError, OSError) as exc:
+            log.error("config.reload_failed", error=str(exc), action="kept the running config")
+            self._notifier.ready(status="pulling (reload failed)")
+            return
+        old = self.config
+        restart = [name for name in ("vod", "credentials", "ledger") if
+                   getattr(new, name) != getattr(old, name)]
+        if (new.daemon.concurrency, new.daemon.pullers, new.daemon.max_in_flight) != (
+                old.daemon.concurrency, old.daemon.pullers, old.daemon.max_in_flight):
+            restart.append("daemon.concurrency/pullers/max_in_flight")
+        retired = self.dispatcher.reconfigure(routes, self._policy(new), self._dead_letter(new))
+        # Deliveries already running keep their sink; close the old ones after they finish.
+        longest = max((r.config.timeout_s for r in retired), default=0.0)
+        closer = threading.Timer(longest + 1.0, _close_sinks, args=(retired,))
+        closer.daemon = True
+        closer.start()
+        self.config = new
+        if new.log != old.log:
+            logs.configure(new.log.level, new.log.format)
+        log.info("config.reloaded", credentials=source, sinks=[r.config.name for r in routes],
+                 restart_required=restart)
         self._notifier.ready(status="pulling")
 
     def _shutdown(self) -> int:
@@ -167,11 +202,7 @@ class Daemon:
         return EX_OK
 
     def _close(self) -> None:
-        for route in self.dispatcher.routes:
-            try:
-                route.sink.close()
-            except Exception:  # noqa: BLE001 -- closing one sink must not stop the others
-                log.exception("sink.close_failed", sink=route.config.name)
+        _close_sinks(self.dispatcher.routes)
         self.ledger.close()
 
     def _install_signals(self) -> None:
@@ -255,16 +286,25 @@ class Daemon:
         if not isinstance(handle, str) or not handle:
             bound.error("event.unparseable", action="no handle: cannot confirm it")
             return
-        if self.dead_letter is None:
+        dead_letter = self.dispatcher.dead_letter
+        if dead_letter is None:
             bound.error("event.unparseable", action="left in VOD: no [dead_letter] directory")
             return
         try:
-            path = self.dead_letter.write_unparsed(item, app, reason=str(exc), key=key)
+            path = dead_letter.write_unparsed(item, app, reason=str(exc), key=key)
         except OSError as err:
             bound.error("deadletter.write_failed", error=str(err))
             return
         bound.error("event.dead_lettered", path=str(path))
         self.confirmer.submit(Receipt(handle, app, deadline))
+
+
+def _close_sinks(routes: list[Route]) -> None:
+    for route in routes:
+        try:
+            route.sink.close()
+        except Exception:  # closing one sink must not stop the others
+            log.exception("sink.close_failed", sink=route.config.name)
 
 
 def _pull_wait(state: RetryCallState) -> float:

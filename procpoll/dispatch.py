@@ -93,7 +93,7 @@ class Dispatcher:
         self._ledger = ledger
         self._confirm = confirm
         self._policy = policy
-        self._dead_letter = dead_letter
+        self.dead_letter = dead_letter
         self._stop = stop
         self._clock = clock
         self._lock = threading.Condition()
@@ -105,6 +105,16 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self.counters = {"delivered": 0, "failed": 0, "duplicates": 0, "dead": 0,
                          "unrouted": 0, "reattached": 0}
+
+    def reconfigure(self, routes: Sequence[Route], policy: Policy,
+                    dead_letter: DeadLetter | None) -> list[Route]:
+        """Swap sinks and policies (pool sizes stay); returns the routes replaced."""
+        with self._lock:
+            old, self.routes = self.routes, list(routes)
+            self._policy = Policy(self._policy.concurrency, self._policy.max_in_flight,
+                                  policy.unrouted, policy.max_age_s, policy.confirm_margin_s)
+            self.dead_letter = dead_letter
+        return old
 
     def start(self) -> None:
         """Start the worker threads."""
@@ -172,7 +182,7 @@ class Dispatcher:
                 return
             try:
                 self._process(work)
-            except Exception:  # noqa: BLE001 -- one event's bug must not kill a worker
+            except Exception:
                 log.exception("event.crashed", event_key=work.event.key)
             finally:
                 self._finish(work)
@@ -258,12 +268,12 @@ class Dispatcher:
         poison = rounds >= cfg.max_attempts or age_s >= self._policy.max_age_s
         if not poison:
             return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
-        if self._dead_letter is None:
+        if self.dead_letter is None:
             bound.error("event.poison", sink=cfg.name, rounds=rounds, error=error.reason,
                         action="left in VOD: configure [dead_letter] directory to set it aside")
             return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
         try:
-            path = self._dead_letter.write(event, work.sub_app_id, sink=cfg.name,
+            path = self.dead_letter.write(event, work.sub_app_id, sink=cfg.name,
                                            reason=error.reason, rounds=rounds)
         except OSError as exc:
             bound.error("deadletter.write_failed", sink=cfg.name, error=str(exc))

@@ -306,3 +306,38 @@ def test_sigterm_style_stop_returns_promptly_while_idle(
     daemon.stop()
     thread.join(10)
     assert status == [0]
+
+
+def test_reload_swaps_sinks_and_keeps_the_old_config_when_invalid(
+        tmp_path: Path, emulator: Emulator, log_lines: Callable[[], list[dict[str, Any]]]) -> None:
+    """SIGHUP with a valid file swaps the sinks; with a broken file the running config stays."""
+    path = tmp_path / "procpoll.toml"
+
+    def write(sink_name: str) -> None:
+        path.write_text(
+            f'[vod]\nendpoint = "{emulator.endpoint}"\nscheme = "http"\nconfirm_window = 3\n'
+            f'[ledger]\npath = "{tmp_path / "ledger.sqlite3"}"\n'
+            f'[[sinks]]\nname = "{sink_name}"\ntype = "file"\n'
+            f'path = "{tmp_path / sink_name}.jsonl"\n', encoding="utf-8")
+
+    write("first")
+    from procpoll.config import load_config  # noqa: PLC0415
+
+    daemon = Daemon(load_config(path), environ=emulator_env(emulator), config_path=path)
+    write("second")
+    daemon.reload()
+    assert [r.config.name for r in daemon.dispatcher.routes] == ["second"]
+    path.write_text("[vod\n", encoding="utf-8")
+    daemon.reload()
+    assert [r.config.name for r in daemon.dispatcher.routes] == ["second"]
+    events = [line["event"] for line in log_lines()]
+    assert events.count("config.reloaded") == 1
+    assert "config.reload_failed" in events
+    emulator.enqueue([task_event("t-after-reload")])
+    daemon.dispatcher.start()
+    daemon.confirmer.start()
+    sent_at, items = daemon._pull(daemon._factory(), None)
+    daemon._accept(None, sent_at, items)
+    assert emulator.wait_drained(10)
+    assert len(lines(tmp_path / "second.jsonl")) == 1
+    assert not (tmp_path / "first.jsonl").exists()
