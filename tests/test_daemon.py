@@ -339,5 +339,7 @@ def test_reload_swaps_sinks_and_keeps_the_old_config_when_invalid(
     sent_at, items = daemon._pull(daemon._factory(), None)
     daemon._accept(None, sent_at, items)
     assert emulator.wait_drained(10)
+    daemon.stop()
+    assert daemon._shutdown() == 0
     assert len(lines(tmp_path / "second.jsonl")) == 1
     assert not (tmp_path / "first.jsonl").exists()
