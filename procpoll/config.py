@@ -169,7 +169,7 @@ def _credentials(t: Table) -> CredentialsConfig:
     if (creds.secret_id_file is None) != (creds.secret_key_file is None):
         t.bad("secret_id_file", "secret_id_file and secret_key_file go together")
     for key in ("secret_id", "secret_key", "session_token"):
-        if t.has(key):
+        if t.claim(key, None) is not None:
             t.bad(key, f"secrets do not belong in the config file: use {key}_file, "
                        "the environment or systemd LoadCredential=")
     t.finish()

@@ -115,7 +115,7 @@ def test_no_confirm_before_the_sink_succeeds(
 def test_redelivery_skips_the_sink_that_already_has_the_event(
         tmp_path: Path, emulator: Emulator, receiver: Receiver,
         start_daemon: Callable[[Config, Emulator], Daemon]) -> None:
-    """Sink A succeeds, sink B fails: after redelivery only B is called again, A gets no duplicate."""
+    """Sink A succeeds, sink B fails: after redelivery B is called again, A gets no duplicate."""
     healthy = threading.Event()
     receiver.status = lambda _b: 200 if healthy.is_set() else 500
     emulator.enqueue([task_event("t-fanout")])
@@ -228,7 +228,7 @@ def test_unrouted_leave_keeps_events_in_vod(tmp_path: Path, emulator: Emulator) 
 
 def test_poison_event_goes_to_dead_letter_then_is_confirmed(
         tmp_path: Path, emulator: Emulator, receiver: Receiver) -> None:
-    """A sink that always refuses: after max_attempts rounds the event is set aside and confirmed."""
+    """A sink that always refuses: after max_attempts rounds it is set aside and confirmed."""
     receiver.status = lambda _b: 400
     emulator.enqueue([task_event("t-poison")])
     config = daemon_config(tmp_path, emulator, [

@@ -1,0 +1,81 @@
+"""Logs are JSON lines with secrets redacted; sd_notify datagrams reach a real socket."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import structlog
+
+from procpoll import logs
+from procpoll.systemd import Notifier, watchdog_interval_s
+
+
+def test_log_lines_are_json_with_a_stable_event_name() -> None:
+    """Each log call is one JSON object with `event`, `level` and `timestamp`."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    structlog.get_logger("t").info("event.delivered", sink="hook", attempt=1)
+    record = json.loads(out.getvalue())
+    assert record["event"] == "event.delivered"
+    assert record["sink"] == "hook"
+    assert record["level"] == "info"
+    assert "timestamp" in record
+
+
+def test_registered_secrets_are_redacted_everywhere_including_tracebacks() -> None:
+    """A secret in a field, a message or an exception traceback never reaches the output."""
+    out = io.StringIO()
+    logs.configure("debug", "json", stream=out)
+    logs.register_secret("s3cr3t-key-value")
+    log = structlog.get_logger("t")
+    log.info("x", detail="key=s3cr3t-key-value")
+    try:
+        raise RuntimeError("boom s3cr3t-key-value")
+    except RuntimeError:
+        log.exception("y")
+    text = out.getvalue()
+    assert "s3cr3t-key-value" not in text
+    assert logs.REDACTED in text
+    assert "RuntimeError" in text
+
+
+def test_level_filters_lower_levels() -> None:
+    """At level warning, info lines are not written."""
+    out = io.StringIO()
+    logs.configure("warning", "json", stream=out)
+    structlog.get_logger("t").info("quiet")
+    assert out.getvalue() == ""
+
+
+def test_notifier_sends_datagrams_to_a_path_socket(tmp_path: Path) -> None:
+    """READY=1 and RELOADING=1 + MONOTONIC_USEC arrive as single datagrams."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        notifier = Notifier.from_env({"NOTIFY_SOCKET": str(path)})
+        assert notifier.ready(status="pulling")
+        assert notifier.reloading()
+        assert sock.recv(4096) == b"READY=1\nSTATUS=pulling"
+        reload_msg = sock.recv(4096).decode()
+        assert reload_msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
+
+
+def test_notifier_abstract_socket_and_noop() -> None:
+    """'@name' is the abstract namespace; without NOTIFY_SOCKET nothing is sent."""
+    name = f"procpoll-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        assert Notifier.from_env({"NOTIFY_SOCKET": "@" + name}).watchdog()
+        assert sock.recv(100) == b"WATCHDOG=1"
+    assert not Notifier.from_env({}).ready()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    """WATCHDOG_USEC=60s → ping every 30 s; another PID's watchdog is not ours."""
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000"}) == 30.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval_s({}) is None

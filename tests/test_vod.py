@@ -1,0 +1,203 @@
+"""The SDK adapter: every reply shape the SDK can produce maps onto procpoll's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import responses
+
+from procpoll.config import CredentialsConfig, VodConfig
+from procpoll.errors import (
+    AuthError,
+    ConfigError,
+    ExpiredHandleError,
+    PermanentApiError,
+    TransientApiError,
+)
+from procpoll.vod import CredentialChain, TencentVod
+
+URL = "http://vod.test:9/"
+ENV = {"TENCENTCLOUD_SECRET_ID": "AKIDtest", "TENCENTCLOUD_SECRET_KEY": "key-test"}
+
+
+@pytest.fixture
+def api() -> TencentVod:
+    config = VodConfig(endpoint="vod.test:9", scheme="http", request_timeout_s=6)
+    return TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+
+
+def reply(body: Any, *, status: int = 200, content_type: str = "application/json") -> None:
+    raw = body if isinstance(body, bytes | str) else json.dumps(body)
+    responses.add(responses.POST, URL, body=raw, status=status, content_type=content_type)
+
+
+def error(code: str, message: str = "m") -> dict[str, Any]:
+    return {"Response": {"Error": {"Code": code, "Message": message}, "RequestId": "r-1"}}
+
+
+@responses.activate
+def test_pull_returns_the_event_set(api: TencentVod) -> None:
+    """EventSet items come back as decoded dicts, SubAppId is sent when configured."""
+    reply({"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X"}], "RequestId": "r"}})
+    assert api.pull(1500000001) == [{"EventHandle": "h", "EventType": "X"}]
+    sent = json.loads(responses.calls[0].request.body or b"{}")
+    assert sent == {"SubAppId": 1500000001}
+    assert responses.calls[0].request.headers["X-TC-Action"] == "PullEvents"
+
+
+@responses.activate
+@pytest.mark.parametrize("body", [
+    error("ResourceNotFound", "no event"),
+    {"Response": {"EventSet": None, "RequestId": "r"}},
+    {"Response": {"EventSet": [], "RequestId": "r"}},
+    {"Response": {"RequestId": "r"}},
+])
+def test_empty_queue_shapes_are_an_empty_list(api: TencentVod, body: dict[str, Any]) -> None:
+    """'no event', null and missing EventSet all mean empty, never an error."""
+    reply(body)
+    assert api.pull(None) == []
+
+
+@responses.activate
+@pytest.mark.parametrize(("code", "kind"), [
+    ("AuthFailure.SignatureFailure", AuthError),
+    ("AuthFailure.SecretIdNotFound", AuthError),
+    ("UnauthorizedOperation", AuthError),
+    ("RequestLimitExceeded", TransientApiError),
+    ("RequestLimitExceeded.UinLimitExceeded", TransientApiError),
+    ("InternalError", TransientApiError),
+    ("FailedOperation.InvalidVodUser", PermanentApiError),
+    ("InvalidParameterValue", PermanentApiError),
+])
+def test_api_error_codes_are_classified(api: TencentVod, code: str, kind: type) -> None:
+    """Auth, transient and permanent codes raise the matching procpoll error."""
+    reply(error(code))
+    with pytest.raises(kind) as info:
+        api.pull(None)
+    assert info.value.code == code
+
+
+@responses.activate
+def test_error_with_charset_content_type_is_still_an_error(api: TencentVod) -> None:
+    """The SDK ignores errors unless Content-Type is exactly application/json; we do not."""
+    reply(error("AuthFailure.SignatureFailure"), content_type="application/json; charset=utf-8")
+    with pytest.raises(AuthError):
+        api.pull(None)
+
+
+@responses.activate
+@pytest.mark.parametrize(("body", "status", "content_type"), [
+    ("<html>bad gateway</html>", 502, "text/html"),
+    ("not json at all", 200, "application/json"),
+    (b"\xff\xfe\x00junk", 200, "application/json"),
+    ('{"NoResponse": 1}', 200, "application/json"),
+    ('{"Response": "string"}', 200, "application/json"),
+    ('{"Response": {"EventSet": {"a": 1}}}', 200, "application/json"),
+    ("[1, 2]", 200, "application/json"),
+])
+def test_junk_replies_are_transient(api: TencentVod, body: Any, status: int,
+                                    content_type: str) -> None:
+    """Non-200, non-JSON, invalid UTF-8 and shapeless JSON are retried, never a crash."""
+    reply(body, status=status, content_type=content_type)
+    with pytest.raises(TransientApiError):
+        api.pull(None)
+
+
+@responses.activate
+def test_network_errors_are_transient(api: TencentVod) -> None:
+    """Connection errors and timeouts become TransientApiError."""
+    responses.add(responses.POST, URL, body=requests.ConnectionError("reset"))
+    responses.add(responses.POST, URL, body=requests.ReadTimeout("slow"))
+    for _ in range(2):
+        with pytest.raises(TransientApiError) as info:
+            api.pull(None)
+        assert info.value.code == "ClientNetworkError"
+
+
+@responses.activate
+def test_confirm_refused_handle_is_an_expired_handle(api: TencentVod) -> None:
+    """InvalidParameterValue on ConfirmEvents means the handle expired."""
+    reply(error("InvalidParameterValue"))
+    with pytest.raises(ExpiredHandleError):
+        api.confirm(None, ["h1"])
+
+
+@responses.activate
+def test_confirm_sends_the_handles(api: TencentVod) -> None:
+    """ConfirmEvents carries EventHandles and SubAppId."""
+    reply({"Response": {"RequestId": "r"}})
+    api.confirm(7, ["a", "b"])
+    assert json.loads(responses.calls[0].request.body or b"{}") == {
+        "EventHandles": ["a", "b"], "SubAppId": 7}
+
+
+def test_confirm_refuses_more_than_16_handles(api: TencentVod) -> None:
+    """The API takes at most 16 handles; asking for more is a programming error."""
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        api.confirm(None, [str(n) for n in range(17)])
+
+
+# --- credentials ------------------------------------------------------------------------
+
+
+def chain(tmp_path: Path, env: dict[str, str], **files: Any) -> CredentialChain:
+    config = CredentialsConfig(profile_file=tmp_path / "no-profile", **files)
+    return CredentialChain(config, env)
+
+
+def test_environment_wins_and_keeps_the_session_token(tmp_path: Path) -> None:
+    """Env credentials come first and TENCENTCLOUD_SESSION_TOKEN is kept."""
+    found = chain(tmp_path, {**ENV, "TENCENTCLOUD_SESSION_TOKEN": "tok"}).get()
+    assert (found.secret_id, found.secret_key, found.token, found.source) == \
+        ("AKIDtest", "key-test", "tok", "environment")
+
+
+def test_systemd_credentials_directory(tmp_path: Path) -> None:
+    """$CREDENTIALS_DIRECTORY/secret-id and secret-key (LoadCredential=) are read."""
+    (tmp_path / "secret-id").write_text("AKIDdir\n", encoding="utf-8")
+    (tmp_path / "secret-key").write_text("key-dir\n", encoding="utf-8")
+    found = chain(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}).get()
+    assert (found.secret_id, found.secret_key, found.source) == \
+        ("AKIDdir", "key-dir", "credentials-directory")
+
+
+def test_config_files_are_reread_when_they_change(tmp_path: Path) -> None:
+    """Rotating the key file is picked up on the next request, without a restart."""
+    id_file, key_file = tmp_path / "id", tmp_path / "key"
+    id_file.write_text("AKIDfile", encoding="utf-8")
+    key_file.write_text("old-key", encoding="utf-8")
+    creds = chain(tmp_path, {}, secret_id_file=id_file, secret_key_file=key_file)
+    assert creds.get_credential_info()[1] == "old-key"
+    key_file.write_text("new-key-longer", encoding="utf-8")
+    os.utime(key_file, ns=(1, 10**18))
+    assert creds.get_credential_info()[1] == "new-key-longer"
+
+
+def test_profile_file(tmp_path: Path) -> None:
+    """The SDK's INI profile file is read."""
+    profile = tmp_path / "credentials"
+    profile.write_text("[default]\nsecret_id = AKIDprof\nsecret_key = key-prof\n",
+                       encoding="utf-8")
+    found = CredentialChain(CredentialsConfig(profile_file=profile), {}).get()
+    assert (found.secret_id, found.source) == ("AKIDprof", f"profile:{profile}")
+
+
+def test_nothing_found_is_a_config_error_listing_the_sources(tmp_path: Path) -> None:
+    """No credentials anywhere: ConfigError naming each place looked at."""
+    with pytest.raises(ConfigError) as info:
+        chain(tmp_path, {}).get()
+    message = str(info.value)
+    for source in ("env TENCENTCLOUD_SECRET_ID", "$CREDENTIALS_DIRECTORY", "profile file",
+                   "CVM role"):
+        assert source in message
+
+
+def test_configured_file_missing_is_a_config_error(tmp_path: Path) -> None:
+    """secret_id_file pointing nowhere is reported, not skipped."""
+    with pytest.raises(ConfigError, match="credential file missing"):
+        chain(tmp_path, {}, secret_id_file=tmp_path / "a", secret_key_file=tmp_path / "b").get()
