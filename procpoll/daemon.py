@@ -19,7 +19,14 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_random_exponential,
+)
 
 from procpoll import logs
 from procpoll.config import Config, load_config
@@ -36,7 +43,10 @@ from procpoll.vod import CredentialChain, TencentVod, VodApi
 log = structlog.get_logger("procpoll.daemon")
 
 EX_OK = 0
+EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
+ONCE_PULL_ATTEMPTS = 3
 AUTH_BACKOFF_S = 60.0
 PRUNE_EVERY_S = 3600.0
 _NO_ANSWER_CODES = {"ClientNetworkError", "ServerNetworkError", "InvalidResponse"}
@@ -94,22 +104,35 @@ class Daemon:
         return self._shutdown()
 
     def once(self) -> int:
-        """One pull per sub-app, deliver, confirm, exit: 0 if all delivered, 75 if not."""
+        """One pull per sub-app, deliver, confirm, exit.
+
+        0 = every pulled event delivered (or set aside), 75 = some were not (they stay in
+        VOD), 77 = credentials refused, 69 = the API did not answer after a few tries.
+        """
         self._announce()
         self.dispatcher.start()
         self.confirmer.start()
         api = self._factory()
-        for app in self.apps:
-            sent_at, items = self._pull(api, app)
-            self._accept(app, sent_at, items)
+        status = EX_OK
+        try:
+            for app in self.apps:
+                sent_at, items = self._pull(api, app, max_attempts=ONCE_PULL_ATTEMPTS)
+                self._accept(app, sent_at, items)
+        except AuthError as exc:
+            log.error("api.auth_failed", code=exc.code, error=exc.message)
+            status = EX_NOPERM
+        except ApiError as exc:
+            log.error("api.unavailable", code=exc.code, error=exc.message)
+            status = EX_UNAVAILABLE
         self.dispatcher.wait_idle(self.config.vod.confirm_window_s * 4)
         self.confirmer.drain(self.config.vod.confirm_window_s)
         self.stop_event.set()
         self.dispatcher.close()
         self._close()
-        failed = self.dispatcher.counters["failed"]
         log.info("daemon.once_done", **self.dispatcher.counters, confirmed=self.confirmer.confirmed)
-        return EX_TEMPFAIL if failed else EX_OK
+        if status == EX_OK and self.dispatcher.counters["failed"]:
+            status = EX_TEMPFAIL
+        return status
 
     def stop(self) -> None:
         """Ask the daemon to stop (what SIGTERM does)."""
@@ -230,22 +253,34 @@ class Daemon:
     def _pull_loop(self, app: int | None) -> None:
         api = self._factory()
         while not self.stop_event.is_set():
-            if not self.dispatcher.wait_capacity(1.0):
-                continue
-            delay = self.dispatcher.pull_delay_s()
-            if delay:
-                log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
-                if self.stop_event.wait(delay):
-                    return
             try:
-                sent_at, items = self._pull(api, app)
-            except _Stopped:
-                return
-            self._accept(app, sent_at, items)
+                if not self._pull_once(api, app):
+                    return
+            except Exception:  # a bug here must not leave the sub-app silently unpulled
+                log.exception("pull.crashed", sub_app_id=app)
+                self.stop_event.wait(5.0)
 
-    def _pull(self, api: VodApi, app: int | None) -> tuple[float, list[Any]]:
+    def _pull_once(self, api: VodApi, app: int | None) -> bool:
+        """One iteration of a pull loop; False when the daemon is stopping."""
+        if not self.dispatcher.wait_capacity(1.0):
+            return True
+        delay = self.dispatcher.pull_delay_s()
+        if delay:
+            log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
+            if self.stop_event.wait(delay):
+                return False
+        try:
+            sent_at, items = self._pull(api, app)
+        except _Stopped:
+            return False
+        self._accept(app, sent_at, items)
+        return True
+
+    def _pull(self, api: VodApi, app: int | None,
+              max_attempts: int | None = None) -> tuple[float, list[Any]]:
         """PullEvents, retried with capped, jittered backoff until it answers or we stop."""
-        retrying = Retrying(retry=retry_if_exception_type(ApiError), wait=_pull_wait,
+        stop = stop_after_attempt(max_attempts) if max_attempts else stop_never
+        retrying = Retrying(retry=retry_if_exception_type(ApiError), wait=_pull_wait, stop=stop,
                             sleep=self._sleep, before_sleep=_log_pull_error(app), reraise=True)
         for attempt in retrying:
             with attempt:

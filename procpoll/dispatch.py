@@ -130,7 +130,7 @@ class Dispatcher:
             work = self._by_key.get(key)
             if work is not None:
                 work.receipts.append(receipt)
-                self.counters["reattached"] += 1
+                self._count("reattached")
                 log.info("event.reattached", event_key=event.key, event_type=event.event_type,
                          task_id=event.task_id, handles=len(work.receipts))
                 return
@@ -211,7 +211,7 @@ class Dispatcher:
             todo = [r for r in wanted if not (r.config.name in states
                                               and states[r.config.name].done)]
             if not todo:
-                self.counters["duplicates"] += 1
+                self._count("duplicates")
                 bound.info("event.duplicate", sinks=[r.config.name for r in wanted])
                 self._complete(work, bound)
                 return
@@ -228,7 +228,7 @@ class Dispatcher:
         if done:
             self._complete(work, bound)
         else:
-            self.counters["failed"] += 1
+            self._count("failed")
             bound.warning("event.not_confirmed", reason="a sink did not take the event")
 
     def _deliver(self, work: Work, route: Route, state: SinkState | None,
@@ -246,7 +246,7 @@ class Dispatcher:
                 bound.exception("sink.crashed", sink=cfg.name, attempt=attempt)
                 error = SinkError(f"{type(exc).__name__}: {exc}")
             else:
-                self.counters["delivered"] += 1
+                self._count("delivered")
                 bound.info("event.delivered", sink=cfg.name, attempt=attempt,
                            duration_ms=round((time.monotonic() - started) * 1000, 1))
                 return Outcome(event.key, cfg.name, delivered=True)
@@ -278,13 +278,13 @@ class Dispatcher:
         except OSError as exc:
             bound.error("deadletter.write_failed", sink=cfg.name, error=str(exc))
             return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
-        self.counters["dead"] += 1
+        self._count("dead")
         bound.error("event.dead_lettered", sink=cfg.name, rounds=rounds, path=str(path),
                     error=error.reason)
         return Outcome(event.key, cfg.name, delivered=False, dead=True, error=error.reason)
 
     def _unrouted(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> None:
-        self.counters["unrouted"] += 1
+        self._count("unrouted")
         event_type = work.event.event_type
         if event_type not in self._unrouted_seen:
             self._unrouted_seen.add(event_type)
@@ -302,6 +302,10 @@ class Dispatcher:
                                  "and the ledger will absorb the duplicate")
             return
         self._confirm(max(live, key=lambda r: r.deadline), work.event)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
     def _note(self, *, success: bool) -> None:
         with self._lock:

@@ -343,3 +343,19 @@ def test_reload_swaps_sinks_and_keeps_the_old_config_when_invalid(
     assert daemon._shutdown() == 0
     assert len(lines(tmp_path / "second.jsonl")) == 1
     assert not (tmp_path / "first.jsonl").exists()
+
+
+def test_once_with_refused_credentials_exits_77(tmp_path: Path, emulator: Emulator) -> None:
+    """`once` with a wrong key gives up after a few tries with EX_NOPERM, not a hang."""
+    import procpoll.daemon as daemon_module  # noqa: PLC0415
+
+    config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
+    env = {**emulator_env(emulator), "TENCENTCLOUD_SECRET_KEY": "wrong-key"}
+    daemon = Daemon(config, environ=env)
+    original = daemon_module.AUTH_BACKOFF_S
+    daemon_module.AUTH_BACKOFF_S = 0.05
+    try:
+        assert daemon.once() == 77
+    finally:
+        daemon_module.AUTH_BACKOFF_S = original
+    assert emulator.stats()["confirmed"] == 0
