@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from procpoll.emulator.latency import LatencyHistogram
+
 SubAppId = int | None
 MAX_BATCH = 16
 _RETIRED_LIMIT = 200_000
@@ -33,6 +35,7 @@ class _Entry:
     body: dict[str, Any]
     deadline: float = 0.0
     deliveries: int = 0
+    enqueued_at: float = 0.0
 
 
 @dataclass
@@ -75,6 +78,7 @@ class EventQueue:
         self._handles_issued = 0
         self._held_pulls = 0
         self._closed = False
+        self._latency = LatencyHistogram()  # enqueue → confirm, all applications
 
     def enqueue(self, bodies: Iterable[Mapping[str, Any]], sub_app_id: SubAppId = None) -> int:
         """Queue normal-callback bodies (any EventHandle key is dropped); returns the count."""
@@ -88,9 +92,10 @@ class EventQueue:
             entries.append(copy)
         with self._cond:
             app = self._app(sub_app_id)
+            now = self._clock()
             for copy in entries:
                 self._seq += 1
-                heapq.heappush(app.pending, (self._seq, _Entry(self._seq, copy)))
+                heapq.heappush(app.pending, (self._seq, _Entry(self._seq, copy, enqueued_at=now)))
             app.enqueued += len(entries)
             self._cond.notify_all()
         return len(entries)
@@ -136,7 +141,8 @@ class EventQueue:
         """
         with self._cond:
             app = self._app(sub_app_id)
-            self._expire(app, self._clock())
+            now = self._clock()
+            self._expire(app, now)
             good: list[str] = []
             refused: list[tuple[str, str]] = []
             seen: set[str] = set()
@@ -154,7 +160,8 @@ class EventQueue:
             if strict and refused:
                 return ConfirmResult((), tuple(refused))
             for handle in good:
-                del app.in_flight[handle]
+                entry = app.in_flight.pop(handle)
+                self._latency.record(now - entry.enqueued_at)
                 self._retire(app, handle, "confirmed")
             app.confirmed += len(good)
             if good:
@@ -188,6 +195,7 @@ class EventQueue:
                     "confirmed", "late_confirms")  # fmt: skip
             totals: dict[str, Any] = {k: sum(a[k] for a in per_app.values()) for k in keys}
             totals["held_pulls"] = self._held_pulls
+            totals["confirm_latency_buckets"] = self._latency.snapshot()
             totals["sub_apps"] = per_app
             return totals
 
@@ -224,7 +232,7 @@ class EventQueue:
         return app
 
     def _deliver(self, app: _AppQueue, limit: int, now: float) -> list[tuple[str, dict[str, Any]]]:
-        batch = []
+        batch: list[tuple[str, dict[str, Any]]] = []
         deadline = now + self.confirm_window_s
         while app.pending and len(batch) < limit:
             _, entry = heapq.heappop(app.pending)

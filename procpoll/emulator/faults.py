@@ -28,7 +28,7 @@ class FaultPlan:
 
     def __init__(self, rate: float = 0.0, *, seed: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._random = random.Random(seed)
+        self._random = random.Random(seed)  # noqa: S311 - reproducible draws, not secrets
         self._rate = 0.0
         self._kinds: tuple[Fault, ...] = tuple(Fault)
         self.set(rate)

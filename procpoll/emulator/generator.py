@@ -9,37 +9,22 @@ hostile text. Every body is distinct: FileIds and TaskIds are never reused acros
 
 from __future__ import annotations
 
+import copy
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from procpoll.emulator.media_outputs import MEDIA_PROCESS_TYPES, TASK_KEY, media_output
 
 APP_ID = 1400155958
 _MEDIA_HOST = f"https://{APP_ID}.vod2.myqcloud.com"
 _EPOCH = datetime(2025, 1, 6, 8, 0, tzinfo=UTC)
 
-MEDIA_PROCESS_TYPES = (
-    "Transcode",
-    "AnimatedGraphics",
-    "SnapshotByTimeOffset",
-    "SampleSnapshot",
-    "ImageSprites",
-    "CoverBySnapshot",
-    "AdaptiveDynamicStreaming",
-)
-_TASK_KEY = {
-    "Transcode": "TranscodeTask",
-    "AnimatedGraphics": "AnimatedGraphicTask",
-    "SnapshotByTimeOffset": "SnapshotByTimeOffsetTask",
-    "SampleSnapshot": "SampleSnapshotTask",
-    "ImageSprites": "ImageSpriteTask",
-    "CoverBySnapshot": "CoverBySnapshotTask",
-    "AdaptiveDynamicStreaming": "AdaptiveDynamicStreamingTask",
-}
 FILE_NAMES = (
     "Animal World",
     "lecture-01.mp4",
     "动物世界 第一集",
-    "课程回放（2025-03-01）",
+    "课程回放（2025-03-01）",  # noqa: RUF001 - full-width brackets are normal in Chinese
     "東京の夜景",
     "🎬 trailer 🍿 final",
     "مرحبا بالعالم",
@@ -73,7 +58,7 @@ def generate_events(n: int, seed: int | None = None) -> list[dict[str, Any]]:
     """`n` distinct normal-callback bodies; the same `seed` gives the same list."""
     if n < 0:
         raise ValueError(f"n must be >= 0, not {n}")
-    return _Generator(random.Random(seed)).events(n)
+    return _Generator(random.Random(seed)).events(n)  # noqa: S311 - test data, not secrets
 
 
 class _Generator:
@@ -99,11 +84,11 @@ class _Generator:
             elif roll < _UNKNOWN_SHARE + _UPLOAD_SHARE + _DELETE_SHARE:
                 out.append(self.file_deleted())
             elif self.rng.random() < _PROCESSING_SHARE and n - len(out) >= len(later) + 2:
-                processing, finish = self.procedure_pair(len(out))
+                processing, finish = self.procedure_pair()
                 out.append(processing)
                 later.append((len(out) + self.rng.randint(0, 4), finish))
             else:
-                out.append(self.procedure(len(out)))
+                out.append(self.procedure())
         return out
 
     # -- identifiers -----------------------------------------------------------------
@@ -124,19 +109,19 @@ class _Generator:
 
     # -- ProcedureStateChanged ---------------------------------------------------------
 
-    def procedure(self, position: int) -> dict[str, Any]:
+    def procedure(self) -> dict[str, Any]:
         self.procedures += 1
-        event = self.procedure_base(position)
-        event["MediaProcessResultSet"] = self.media_results(event["MetaData"], finished=True)
+        event = self.procedure_base()
+        event["MediaProcessResultSet"] = self.media_results(event["MetaData"])
         self.add_ai_results(event)
         return _procedure_body(event, explicit_nulls=self.rng.random() < 0.1)
 
-    def procedure_pair(self, position: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def procedure_pair(self) -> tuple[dict[str, Any], dict[str, Any]]:
         self.procedures += 1
-        finish = self.procedure_base(position)
-        finish["MediaProcessResultSet"] = self.media_results(finish["MetaData"], finished=True)
+        finish = self.procedure_base()
+        finish["MediaProcessResultSet"] = self.media_results(finish["MetaData"])
         self.add_ai_results(finish)
-        processing = {key: value for key, value in finish.items() if not key.startswith("Ai")}
+        processing = copy.deepcopy({k: v for k, v in finish.items() if not k.startswith("Ai")})
         processing["Status"] = "PROCESSING"
         processing["TasksNotifyMode"] = "Change"
         processing["MediaProcessResultSet"] = [
@@ -145,7 +130,7 @@ class _Generator:
         finish["TasksNotifyMode"] = "Change"
         return _procedure_body(processing, False), _procedure_body(finish, False)
 
-    def procedure_base(self, position: int) -> dict[str, Any]:
+    def procedure_base(self) -> dict[str, Any]:
         event: dict[str, Any] = {
             "TaskId": self.task_id("procedurev2"),
             "Status": "FINISH",
@@ -175,9 +160,7 @@ class _Generator:
         audio_bitrate = self.rng.choice((64_000, 128_000, 383_854))
         return {
             "AudioDuration": duration,
-            "AudioStreamSet": [
-                {"Bitrate": audio_bitrate, "Codec": "aac", "SamplingRate": 48000}
-            ],
+            "AudioStreamSet": [{"Bitrate": audio_bitrate, "Codec": "aac", "SamplingRate": 48000}],
             "Bitrate": video_bitrate + audio_bitrate,
             "Container": "mov,mp4,m4a,3gp,3g2,mj2",
             "Duration": duration,
@@ -197,7 +180,7 @@ class _Generator:
             "Width": width,
         }
 
-    def media_results(self, meta: dict[str, Any], *, finished: bool) -> list[dict[str, Any]]:
+    def media_results(self, meta: dict[str, Any]) -> list[dict[str, Any]]:
         # Cycling the first type guarantees all seven appear once seven procedures exist.
         first = MEDIA_PROCESS_TYPES[self.procedures % len(MEDIA_PROCESS_TYPES)]
         others = self.rng.sample(MEDIA_PROCESS_TYPES, self.rng.randint(0, 3))
@@ -214,102 +197,46 @@ class _Generator:
         }
         if self.rng.random() < _FAIL_SHARE:
             code, ext, message = self.rng.choice(_FAILURES)
-            task.update(
-                {"Status": "FAIL", "ErrCode": code, "ErrCodeExt": ext, "Message": message}
-            )
+            task.update({"Status": "FAIL", "ErrCode": code, "ErrCodeExt": ext, "Message": message})
             task["Output"] = None
         else:
-            task["Output"] = self.media_output(kind, definition, meta)
-        return {"Type": kind, _TASK_KEY[kind]: task}
-
-    def media_output(self, kind: str, definition: int, meta: dict[str, Any]) -> dict[str, Any]:
-        md5 = f"{self.rng.getrandbits(128):032x}"
-        if kind == "Transcode":
-            return {
-                "Url": self.url(f"v.f{definition}.mp4"),
-                "Size": meta["Size"] // 2,
-                "Container": "mov,mp4,m4a,3gp,3g2,mj2",
-                "Height": meta["Height"],
-                "Width": meta["Width"],
-                "Bitrate": meta["Bitrate"] // 2,
-                "Md5": md5,
-                "Duration": meta["Duration"],
-                "VideoStreamSet": meta["VideoStreamSet"],
-                "AudioStreamSet": meta["AudioStreamSet"],
-                "Definition": definition,
-            }
-        if kind == "AnimatedGraphics":
-            return {
-                "Url": self.url(f"v.f{definition}.gif"),
-                "Definition": definition,
-                "Container": "gif",
-                "Height": 240,
-                "Width": 320,
-                "Bitrate": 324271,
-                "Size": 121601,
-                "Md5": md5,
-                "StartTimeOffset": 3,
-                "EndTimeOffset": 5,
-            }
-        if kind == "SnapshotByTimeOffset":
-            offsets = sorted(self.rng.sample(range(1, 60), 3))
-            return {
-                "Definition": definition,
-                "PicInfoSet": [
-                    {"TimeOffset": t, "Url": self.url(f"shot{t}.jpg")} for t in offsets
-                ],
-            }
-        if kind == "SampleSnapshot":
-            return {
-                "Definition": definition,
-                "SampleType": "Percent",
-                "Interval": 10,
-                "WaterMarkDefinition": [],
-                "ImageUrlSet": [self.url(f"sample{i}.jpg") for i in range(1, 4)],
-            }
-        if kind == "ImageSprites":
-            return {
-                "Definition": definition,
-                "Height": 80,
-                "Width": 142,
-                "TotalCount": 1,
-                "ImageUrlSet": [self.url("sprite1.jpg")],
-                "WebVttUrl": self.url("sprite.vtt"),
-            }
-        if kind == "CoverBySnapshot":
-            return {"CoverUrl": self.url("cover.jpg")}
-        package = self.rng.choice(("hls", "dash"))
-        return {
-            "Definition": definition,
-            "Package": package,
-            "DrmType": self.rng.choice(("", "", "SimpleAES")),
-            "Url": self.url(f"adp.{definition}.{'m3u8' if package == 'hls' else 'mpd'}"),
-        }
+            task["Output"] = media_output(kind, definition, meta, rng=self.rng, url=self.url)
+        return {"Type": kind, TASK_KEY[kind]: task}
 
     def add_ai_results(self, event: dict[str, Any]) -> None:
+        # Cycling by procedure count guarantees each AI result set appears; a few more at random.
         slot = self.procedures % 5
         if slot == 1 or self.rng.random() < 0.05:
+            porn = {"Confidence": 98, "Suggestion": "block", "Label": "sexy", "SegmentSet": []}
+            passed = {"Confidence": 0, "Suggestion": "pass", "SegmentSet": []}
             event["AiContentReviewResultSet"] = [
-                _ai_task("Porn", {"Confidence": 98, "Suggestion": "block", "Label": "sexy",
-                                  "SegmentSet": []}),  # fmt: skip
-                _ai_task("Terrorism", {"Confidence": 0, "Suggestion": "pass", "SegmentSet": []}),
-                _ai_task("Political", {"Confidence": 0, "Suggestion": "pass", "SegmentSet": []}),
+                _ai_task("Porn", porn),
+                _ai_task("Terrorism", passed),
+                _ai_task("Political", passed),
             ]
         if slot == 2 or self.rng.random() < 0.05:
+            classes = [{"Classification": "Animals", "Confidence": self.rng.randrange(50, 100)}]
+            tags = [{"Tag": "Horse", "Confidence": 34}, {"Tag": "鸟", "Confidence": 27}]
             event["AiAnalysisResultSet"] = [
-                _ai_task("Classification", {"ClassificationSet": [
-                    {"Classification": "Animals", "Confidence": self.rng.randrange(50, 100)}]}),
-                _ai_task("Tag", {"TagSet": [{"Tag": "Horse", "Confidence": 34},
-                                            {"Tag": "鸟", "Confidence": 27}]}),
-            ]  # fmt: skip
+                _ai_task("Classification", {"ClassificationSet": classes}),
+                _ai_task("Tag", {"TagSet": tags}),
+            ]
         if slot == 3 or self.rng.random() < 0.05:
+            segment = {
+                "StartTimeOffset": 10,
+                "EndTimeOffset": 12,
+                "Confidence": 97,
+                "AreaCoordSet": [830, 783, 1030, 599],
+            }
+            face = {
+                "Id": self.rng.randrange(100000, 999999),
+                "Type": "Default",
+                "Name": "张三",
+                "SegmentSet": [segment],
+            }
             event["AiRecognitionResultSet"] = [
-                _ai_task("FaceRecognition", {"ResultSet": [{
-                    "Id": self.rng.randrange(100000, 999999), "Type": "Default",
-                    "Name": "张三", "SegmentSet": [{"StartTimeOffset": 10, "EndTimeOffset": 12,
-                                                  "Confidence": 97,
-                                                  "AreaCoordSet": [830, 783, 1030, 599]}]}]}),
-            ]  # fmt: skip
+                _ai_task("FaceRecognition", {"ResultSet": [face]}),
+            ]
 
     # -- other event types ------------------------------------------------------------
 
@@ -384,10 +311,10 @@ def _procedure_body(event: dict[str, Any], explicit_nulls: bool) -> dict[str, An
 
 def _still_processing(result: dict[str, Any]) -> dict[str, Any]:
     kind = result["Type"]
-    task = result[_TASK_KEY[kind]]
+    task = result[TASK_KEY[kind]]
     return {
         "Type": kind,
-        _TASK_KEY[kind]: {
+        TASK_KEY[kind]: {
             "Status": "PROCESSING",
             "ErrCode": 0,
             "Message": "",

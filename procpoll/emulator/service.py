@@ -31,8 +31,8 @@ class Emulator:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        secret_id: str = "AKIDemulator",
-        secret_key: str = "emulator-secret-key",
+        secret_id: str = "AKIDemulator",  # noqa: S107 - the emulator's published fake key
+        secret_key: str = "emulator-secret-key",  # noqa: S107 - idem
         session_token: str | None = None,
         confirm_window_s: float = 30.0,
         hold_s: float = 5.0,

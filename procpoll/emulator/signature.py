@@ -97,8 +97,7 @@ def verify(
         )
     failure = Rejection(
         "AuthFailure.SignatureFailure",
-        "The provided credentials could not be validated. "
-        "Please check your signature is correct.",
+        "The provided credentials could not be validated. Please check your signature is correct.",
     )
     if (
         auth.date != utc_date(timestamp)
@@ -132,9 +131,7 @@ def verify(
     if credentials.session_token is not None:
         token = headers.get("x-tc-token", "")
         if not hmac.compare_digest(token.encode(), credentials.session_token.encode()):
-            return Rejection(
-                "AuthFailure.TokenFailure", "The session token is missing or invalid."
-            )
+            return Rejection("AuthFailure.TokenFailure", "The session token is missing or invalid.")
     return None
 
 
