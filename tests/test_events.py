@@ -97,7 +97,7 @@ def test_non_object_item_is_rejected(item: object) -> None:
 @pytest.mark.parametrize("handle", ["", 7, None, ["h"], {"h": 1}, "<missing>"])
 def test_bad_handle_is_rejected(handle: object) -> None:
     """EventHandle must be present and a non-empty string."""
-    item = {"EventType": "NewFileUpload", "FileUploadEvent": {"FileId": "1"}}
+    item: dict[str, object] = {"EventType": "NewFileUpload", "FileUploadEvent": {"FileId": "1"}}
     if handle != "<missing>":
         item["EventHandle"] = handle
     with pytest.raises(EventParseError) as err:

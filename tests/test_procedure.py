@@ -257,10 +257,10 @@ def test_finished_flow_without_failures_succeeded() -> None:
 
 
 def test_processing_flow_has_not_succeeded_yet() -> None:
-    """A PROCESSING flow is not all_succeeded, and PROCESSING sub-tasks are not failures."""
+    """A PROCESSING flow is not all_succeeded; PROCESSING sub-tasks neither fail nor output."""
     raw = payload(COVER)
     raw["Status"] = "PROCESSING"
-    raw["MediaProcessResultSet"][0]["TranscodeTask"].update(Status="PROCESSING", Output=None)
+    raw["MediaProcessResultSet"][0]["TranscodeTask"].update(Status="PROCESSING", Progress=40)
     task = parse(raw)
     assert not task.all_succeeded
     assert task.failed_subtasks == []
@@ -389,7 +389,8 @@ def test_missing_null_and_empty_are_alike(empty: object) -> None:
             raw[key] = empty
     task = parse(raw)
     assert task.meta_data is None
-    assert task.media_process_results == task.ai_analysis_results == ()
+    assert task.media_process_results == ()
+    assert task.ai_analysis_results == ()
 
 
 def test_explicit_null_siblings_parse() -> None:
