@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procpoll.errors import EventParseError
-from procpoll.procedure import ProcedureTask, as_text, parse_procedure_task
+from procpoll.jsonread import as_text
+from procpoll.procedure import ProcedureTask, parse_procedure_task
 
 PROCEDURE_STATE_CHANGED = "ProcedureStateChanged"
 _PROCEDURE_MEMBER = "ProcedureStateChangeEvent"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from procpoll.errors import EventParseError
+from procpoll.jsonread import as_float, as_int, as_text
 from procpoll.procedure import (
     AdaptiveDynamicStreamingInfoItem,
     CoverBySnapshotTaskOutput,
@@ -21,9 +22,6 @@ from procpoll.procedure import (
     MediaSnapshotByTimeOffsetItem,
     MediaTranscodeItem,
     ProcedureTask,
-    as_float,
-    as_int,
-    as_text,
     parse_procedure_task,
 )
 
