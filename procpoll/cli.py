@@ -17,6 +17,7 @@ from procpoll.config import Config, load_config
 from procpoll.errors import ConfigError, LedgerError
 
 EX_OK = 0
+EX_DOCTOR_FAILED = 1
 EX_USAGE = 64
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
@@ -50,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CANTCREAT
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # A bug: logged once with its traceback; 70 is a status systemd restarts on.
+        log.exception("procpoll.crashed", command=args.command)
+        return EX_SOFTWARE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,20 +63,46 @@ def _parser() -> argparse.ArgumentParser:
         description="Reliable-callback daemon for Tencent Cloud VOD: pull events, deliver them "
                     "to sinks, confirm them only after delivery.")
     parser.add_argument("--version", action="version", version=f"procpoll {__version__}")
-    sub = parser.add_subparsers(metavar="COMMAND")
+    sub = parser.add_subparsers(metavar="COMMAND", dest="command")
 
     run = sub.add_parser("run", help="run the daemon until SIGTERM")
     _config_arg(run)
     run.set_defaults(func=_cmd_run)
 
     once = sub.add_parser("once", help="pull one batch per sub-app, deliver, confirm, exit "
-                                       "(0 = all delivered, 75 = some not)")
+                                       "(0 = all delivered, 75 = some not, 77 = credentials "
+                                       "refused, 69 = API unreachable)")
     _config_arg(once)
     once.set_defaults(func=_cmd_once)
 
-    check = sub.add_parser("check", help="validate a config file (exit 0, 78 or 66)")
+    check = sub.add_parser(
+        "check", help="validate a config file and lint it (exit 0, 78 or 66)",
+        description="Validate the config file (errors: exit 78), then warn about settings that "
+                    "parse but misbehave against VOD; print the effective config.")
     _config_arg(check)
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as errors (exit 78)")
     check.set_defaults(func=_cmd_check)
+
+    doctor = sub.add_parser(
+        "doctor", help="check credentials, API, event mode, sinks and ledger (exit 0 = all ok)",
+        description="Check the real setup in order and say what to fix: credentials, API "
+                    "and signature, event mode (PULL), each sub-app, each sink, the ledger. "
+                    "Exit 0 only if every check passes, 1 otherwise.")
+    _config_arg(doctor)
+    doctor.set_defaults(func=_cmd_doctor)
+
+    demo = sub.add_parser(
+        "demo", help="run the daemon against a local emulator with sample events",
+        description="Start the VOD emulator with realistic events, run the daemon against it "
+                    "with a file and a sqlite sink, show progress, and print a summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--dir", type=Path, default=Path("procpoll-demo"),
+                      help="where the sinks, ledger and log go (previous output is replaced)")
+    demo.add_argument("--events", type=_positive_int, default=300, metavar="N",
+                      help="how many events the emulator holds")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the event generator")
+    demo.set_defaults(func=_cmd_demo)
 
     emulate = sub.add_parser("emulate", help="serve a local VOD API emulator",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -108,10 +139,43 @@ def _cmd_once(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from procpoll.lint import lint  # noqa: PLC0415 -- only `check` needs it
+
     config = load_config(args.config)
+    findings = lint(config)
+    for finding in findings:
+        print(f"warning: {config.source}: {finding.key}: {finding.what}", file=sys.stderr)
+    if findings and args.strict:
+        print(f"procpoll: check --strict: {len(findings)} warning(s)", file=sys.stderr)
+        return EX_CONFIG
     print("ok")
     print(json.dumps(summary(config), indent=2, ensure_ascii=False))
     return EX_OK
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from procpoll.doctor import Doctor  # noqa: PLC0415 -- imports the SDK
+
+    config = load_config(args.config)
+    # Library warnings go to stderr; stdout is the checklist.
+    logs.configure("warning", "console", stream=sys.stderr)
+    return EX_OK if Doctor(config).run(sys.stdout) else EX_DOCTOR_FAILED
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from procpoll.demo import run_demo  # noqa: PLC0415 -- imports the SDK and the emulator
+
+    return run_demo(args.dir, args.events, seed=args.seed)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
 
 
 def summary(config: Config) -> dict[str, Any]:

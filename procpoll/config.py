@@ -243,7 +243,7 @@ def _sink(t: Table) -> SinkConfig | None:
     events = t.texts("events", None)
     statuses = t.texts("statuses", None)
     sub_app_ids = t.integers("sub_app_ids", None, low=0)
-    timeout_s = t.seconds("timeout", 10.0, low=0, low_inclusive=False, high=3600)
+    timeout_s = t.seconds("timeout", 5.0, low=0, low_inclusive=False, high=3600)
     retries = t.integer("retries", 3, low=0, high=100)
     backoff_s = t.seconds("backoff", 0.5, high=60)
     backoff_max_s = t.seconds("backoff_max", 5.0, high=600)

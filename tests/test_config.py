@@ -36,6 +36,7 @@ def test_example_config_passes_check() -> None:
     """config.example.toml is valid and names every section."""
     config = load_config(REPO / "config.example.toml")
     assert {s.type for s in config.sinks} >= {"webhook", "file"}
+    assert main(["check", "--strict", "-c", str(REPO / "config.example.toml")]) == 0
 
 
 def test_unknown_keys_are_errors_naming_the_dotted_key() -> None:
