@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from procpoll.sinks import file, webhook
+from procpoll.sinks import command, file, sqlite, stdout, webhook
 from procpoll.sinks.base import Sink, SinkConfig, SinkType
 
 SINK_TYPES: dict[str, SinkType] = {
     "webhook": webhook.TYPE,
     "file": file.TYPE,
+    "command": command.TYPE,
+    "sqlite": sqlite.TYPE,
+    "stdout": stdout.TYPE,
 }
 
 
