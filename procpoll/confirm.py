@@ -16,23 +16,34 @@ import structlog
 
 from procpoll.dispatch import Receipt
 from procpoll.errors import ApiError, ExpiredHandleError, PermanentApiError
-from procpoll.vod import MAX_HANDLES_PER_CONFIRM, VodApi
+from procpoll.vod import MAX_HANDLES_PER_CONFIRM, Pacer, VodApi
 
 log = structlog.get_logger("procpoll.confirm")
 
 
 class Confirmer:
-    """Confirm threads per sub-app, sharing one queue each."""
+    """Confirm threads per sub-app, sharing one queue each.
+
+    A call costs the same CPU whatever it carries, so batches are kept full: a handle is
+    sent at once when no call of its sub-app is in flight; while one is, a second call
+    starts only for a full batch of 16. Four threads per sub-app let full batches go out
+    in parallel (two confirmed at most ~450 events/s). With a `pacer` (one for all
+    sub-apps: the limit is per account) a thread waits for its slot *before* taking
+    handles, so those completing meanwhile ride in the same call.
+    """
 
     def __init__(self, client_factory: Callable[[], VodApi], sub_app_ids: list[int | None], *,
-                 threads_per_app: int = 2, clock: Callable[[], float] = time.monotonic,
-                 on_progress: Callable[[], None] = lambda: None) -> None:
+                 threads_per_app: int = 4, clock: Callable[[], float] = time.monotonic,
+                 on_progress: Callable[[], None] = lambda: None,
+                 pacer: Pacer | None = None) -> None:
         self._factory = client_factory
+        self._pacer = pacer
         self._clock = clock
         self._on_progress = on_progress
         self._cv = threading.Condition()
         self._queues: dict[int | None, deque[Receipt]] = {app: deque() for app in sub_app_ids}
         self._busy = 0
+        self._sending: dict[int | None, int] = dict.fromkeys(sub_app_ids, 0)  # calls begun
         self._closing = False
         self._threads = [
             threading.Thread(target=self._run, args=(app,), name=f"confirm-{app or 0}-{n}",
@@ -62,12 +73,20 @@ class Confirmer:
             self._cv.notify_all()
         return drained
 
+    def _should_send(self, app: int | None) -> bool:
+        pending = len(self._queues[app])
+        return pending > 0 and (not self._sending[app] or pending >= MAX_HANDLES_PER_CONFIRM)
+
     def _take(self, app: int | None) -> list[Receipt] | None:
         with self._cv:
             pending = self._queues[app]
-            self._cv.wait_for(lambda: pending or self._closing)
+            self._cv.wait_for(lambda: self._closing or self._should_send(app))
             if not pending:
                 return None
+            self._sending[app] += 1
+        if self._pacer is not None:
+            self._pacer.wait()  # handles completing meanwhile ride in this call
+        with self._cv:
             now = self._clock()
             batch: list[Receipt] = []
             while pending and len(batch) < MAX_HANDLES_PER_CONFIRM:
@@ -80,6 +99,7 @@ class Confirmer:
             if batch:
                 self._busy += 1
             else:
+                self._sending[app] -= 1
                 self._cv.notify_all()
             return batch
 
@@ -97,6 +117,7 @@ class Confirmer:
             finally:
                 with self._cv:
                     self._busy -= 1
+                    self._sending[app] -= 1
                     self._cv.notify_all()
             if retry:
                 failures += 1

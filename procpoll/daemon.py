@@ -38,7 +38,7 @@ from procpoll.events import parse_event
 from procpoll.ledger import Ledger
 from procpoll.sinks import build_sink
 from procpoll.systemd import Notifier, watchdog_interval_s
-from procpoll.vod import CredentialChain, TencentVod, VodApi
+from procpoll.vod import CredentialChain, Pacer, Secrets, TencentVod, VodApi
 
 log = structlog.get_logger("procpoll.daemon")
 
@@ -49,6 +49,7 @@ EX_NOPERM = 77
 ONCE_PULL_ATTEMPTS = 3
 AUTH_BACKOFF_S = 60.0
 PRUNE_EVERY_S = 3600.0
+CREDENTIALS_CHECK_S = 1.0
 _NO_ANSWER_CODES = {"ClientNetworkError", "ServerNetworkError", "InvalidResponse"}
 
 
@@ -76,8 +77,11 @@ class Daemon:
         self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
         self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s)
         self._config_path = config_path
+        # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
+        # pacer, confirms another, so more threads overlap calls without being refused.
+        self._pull_pacer = Pacer(sleep=self.stop_event.wait)
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
-                                   on_progress=self._answered)
+                                   on_progress=self._answered, pacer=Pacer())
         self.dispatcher = Dispatcher(
             [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
             lambda receipt, _event: self.confirmer.submit(receipt),
@@ -264,16 +268,19 @@ class Daemon:
         """One iteration of a pull loop; False when the daemon is stopping."""
         if not self.dispatcher.wait_capacity(1.0):
             return True
-        delay = self.dispatcher.pull_delay_s()
-        if delay:
-            log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
-            if self.stop_event.wait(delay):
-                return False
         try:
-            sent_at, items = self._pull(api, app)
-        except _Stopped:
-            return False
-        self._accept(app, sent_at, items)
+            delay = self.dispatcher.pull_delay_s()
+            if delay:
+                log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
+                if self.stop_event.wait(delay):
+                    return False
+            try:
+                sent_at, items = self._pull(api, app)
+            except _Stopped:
+                return False
+            self._accept(app, sent_at, items)
+        finally:
+            self.dispatcher.release_capacity()
         return True
 
     def _pull(self, api: VodApi, app: int | None,
@@ -284,6 +291,7 @@ class Daemon:
                             sleep=self._sleep, before_sleep=_log_pull_error(app), reraise=True)
         for attempt in retrying:
             with attempt:
+                self._pull_pacer.wait()
                 if self.stop_event.is_set():
                     raise _Stopped
                 sent_at = self._clock()
@@ -298,8 +306,22 @@ class Daemon:
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _sleep(self, seconds: float) -> None:
-        if self.stop_event.wait(seconds):
-            raise _Stopped
+        """Back off; new credentials (a rewritten file, SIGHUP) end the wait at once, so a
+        fixed key is used within a second, not at the end of the auth backoff."""
+        end = time.monotonic() + seconds
+        before = self._credentials_now()
+        while (left := end - time.monotonic()) > 0:
+            if self.stop_event.wait(min(left, CREDENTIALS_CHECK_S)):
+                raise _Stopped
+            if self._credentials_now() is not before:
+                return
+
+    def _credentials_now(self) -> Secrets | None:
+        """The credentials in use (re-read if their files changed); None if unreadable."""
+        try:
+            return self.credentials.get()
+        except ConfigError:
+            return None
 
     def _accept(self, app: int | None, sent_at: float, items: list[Any]) -> None:
         deadline = sent_at + self.config.vod.confirm_window_s
@@ -316,7 +338,10 @@ class Daemon:
     def _set_aside(self, app: int | None, item: Any, exc: EventParseError, deadline: float) -> None:
         """An item that is not an event: dead-letter it and confirm it, or leave it in VOD."""
         handle = item.get("EventHandle") if isinstance(item, dict) else None
-        key = hashlib.sha256(repr(item).encode("utf-8", "replace")).hexdigest()[:32]
+        # Without the handle, like an event key: a redelivery is the same item, same file.
+        stable = {k: v for k, v in item.items() if k != "EventHandle"} \
+            if isinstance(item, dict) else item
+        key = hashlib.sha256(repr(stable).encode("utf-8", "replace")).hexdigest()[:32]
         bound = log.bind(sub_app_id=app, event_key=key, path=exc.path, error=exc.reason)
         if not isinstance(handle, str) or not handle:
             bound.error("event.unparseable", action="no handle: cannot confirm it")

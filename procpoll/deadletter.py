@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -35,11 +36,18 @@ class DeadLetter:
         data = json.dumps(record, ensure_ascii=False, default=repr).encode("utf-8", "replace")
         final = self.directory / f"{stem}.json"
         temp = self.directory / f".{stem}.{os.getpid()}.tmp"
-        with temp.open("wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        temp.replace(final)
+        try:
+            with temp.open("wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            temp.replace(final)
+        except OSError:
+            # A full disk leaves a cut temp file: remove it, or it holds space the ledger
+            # (often on the same disk) needs, and stays if the event never comes back.
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

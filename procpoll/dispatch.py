@@ -27,6 +27,11 @@ from procpoll.sinks.base import Delivery, Sink, SinkConfig
 
 log = structlog.get_logger("procpoll.dispatch")
 
+PULL_BATCH_MAX = 16
+"""PullEvents returns at most this many events: the room a pull needs."""
+UNROUTED_TYPES_REMEMBERED = 256
+UNROUTED_TYPE_CHARS = 128
+
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
@@ -102,6 +107,7 @@ class Dispatcher:
         self._ready: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._failure_streak = 0
         self._unrouted_seen: set[str] = set()
+        self._reserved = 0  # room held for pulls in progress (PULL_BATCH_MAX each)
         self._threads: list[threading.Thread] = []
         self.counters = {"delivered": 0, "failed": 0, "duplicates": 0, "dead": 0,
                          "unrouted": 0, "reattached": 0}
@@ -148,10 +154,23 @@ class Dispatcher:
             return len(self._by_key)
 
     def wait_capacity(self, timeout_s: float) -> bool:
-        """Wait until fewer than max_in_flight - 16 events are held (room for one more pull)."""
-        limit = max(self._policy.max_in_flight - 16, 1)
+        """Wait until a full pull fits under max_in_flight and reserve that room, to be given
+        back by release_capacity(): pullers polling at once cannot overshoot together."""
         with self._lock:
-            return self._lock.wait_for(lambda: len(self._by_key) < limit, timeout_s)
+            if not self._lock.wait_for(self._has_room, timeout_s):
+                return False
+            self._reserved += PULL_BATCH_MAX
+            return True
+
+    def release_capacity(self) -> None:
+        """The reserving pull was submitted (its events now count themselves) or failed."""
+        with self._lock:
+            self._reserved -= PULL_BATCH_MAX
+            self._lock.notify_all()
+
+    def _has_room(self) -> bool:
+        held = len(self._by_key) + self._reserved
+        return held + PULL_BATCH_MAX <= self._policy.max_in_flight
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no work is queued or running."""
@@ -196,7 +215,12 @@ class Dispatcher:
                 self._ready.put(lane[0])
             else:
                 del self._lanes[work.event.ordering_key]
-            self._lock.notify_all()
+            # Wake waiters only when it matters to them: pullers as the count drops just
+            # below their threshold, wait_idle at zero. A notify_all per event woke every
+            # blocked puller for nothing, a context switch each.
+            held = len(self._by_key)
+            if held == 0 or held + self._reserved + PULL_BATCH_MAX == self._policy.max_in_flight:
+                self._lock.notify_all()
 
     def _process(self, work: Work) -> None:
         event = work.event
@@ -285,9 +309,13 @@ class Dispatcher:
 
     def _unrouted(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> None:
         self._count("unrouted")
-        event_type = work.event.event_type
-        if event_type not in self._unrouted_seen:
-            self._unrouted_seen.add(event_type)
+        # Types come from the API: remember a bounded number of bounded names, forgetting
+        # all when full (they are then logged once more), so junk types cannot grow memory.
+        seen = work.event.event_type[:UNROUTED_TYPE_CHARS]
+        if seen not in self._unrouted_seen:
+            if len(self._unrouted_seen) >= UNROUTED_TYPES_REMEMBERED:
+                self._unrouted_seen.clear()
+            self._unrouted_seen.add(seen)
             bound.info("event.unrouted", policy=self._policy.unrouted)
         if self._policy.unrouted == "confirm":
             self._complete(work, bound)

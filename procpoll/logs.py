@@ -9,22 +9,40 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 REDACTED = "[redacted]"
 
 _secrets_lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
+_holders: dict[str, int] = {}  # registrations not yet forgotten, per value
 
 
 def register_secret(value: str | None) -> None:
     """Never let `value` appear in a log line, whatever the level or traceback."""
-    global _secrets  # noqa: PLW0603 -- one process-wide set, swapped atomically
     if not value or len(value) < 4:
         return
     with _secrets_lock:
-        if value not in _secrets:
-            # Longest first, so a secret containing another is redacted whole.
-            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+        _holders[value] = _holders.get(value, 0) + 1
+        if _holders[value] == 1:
+            _publish()
+
+
+def forget_secret(value: str | None) -> None:
+    """Undo one register_secret(value): rotated-out credentials must not pile up forever."""
+    with _secrets_lock:
+        held = _holders.get(value or "", 0)
+        if held > 1:
+            _holders[value or ""] = held - 1
+        elif held == 1:
+            del _holders[value or ""]
+            _publish()
+
+
+def _publish() -> None:
+    global _secrets  # noqa: PLW0603 -- one process-wide set, swapped atomically
+    # Longest first, so a secret containing another is redacted whole.
+    _secrets = tuple(sorted(_holders, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
@@ -33,6 +51,13 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# Tracebacks without frame locals: a local's repr is cut at 80 characters, so a long secret
+# (an STS token) would show a prefix that redaction cannot recognise, and decoded key bytes
+# never match their registered text at all.
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    ExceptionDictTransformer(show_locals=False))
 
 
 def _render_redacted(renderer: Any) -> Any:
@@ -70,8 +95,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks if fmt == "json"
-            else structlog.processors.format_exc_info,
+            _DICT_TRACEBACKS if fmt == "json" else structlog.processors.format_exc_info,
             _render_redacted(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import configparser
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,15 @@ from procpoll.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from procpoll.logs import register_secret
+from procpoll.logs import forget_secret, register_secret
 
 MAX_HANDLES_PER_CONFIRM = 16
+REDACTED_CREDENTIAL_SETS = 4
+"""Credential sets (current and recent) kept redacted; older rotations are forgotten."""
 API_VERSION = "2018-07-17"
+API_REQUESTS_PER_S = 100.0
+"""VOD's limit per API action and account; each action is paced a little below it."""
+API_PACE_PER_S = API_REQUESTS_PER_S * 0.95
 
 _TRANSIENT_CODES = ("RequestLimitExceeded", "InternalError", "ClientNetworkError",
                     "ServerNetworkError", "FailedOperation.Timeout")
@@ -82,6 +89,7 @@ class CredentialChain:
         self._lock = threading.Lock()
         self._stamp: tuple[Any, ...] | None = None
         self._current: Secrets | None = None
+        self._redacted: deque[Secrets] = deque()  # the sets registered for redaction
 
     def tried(self) -> list[str]:
         """The sources this chain looks at, in order, for error messages."""
@@ -102,10 +110,18 @@ class CredentialChain:
             if self._current is None or stamp != self._stamp:
                 self._current = self._resolve()
                 self._stamp = stamp
-                for value in (self._current.secret_id, self._current.secret_key,
-                              self._current.token):
-                    register_secret(value)
+                self._redact(self._current)
             return self._current
+
+    def _redact(self, secrets: Secrets) -> None:
+        """Redact these values from now on; forget sets older than the last few rotations."""
+        self._redacted.append(secrets)
+        for value in (secrets.secret_id, secrets.secret_key, secrets.token):
+            register_secret(value)
+        while len(self._redacted) > REDACTED_CREDENTIAL_SETS:
+            old = self._redacted.popleft()
+            for value in (old.secret_id, old.secret_key, old.token):
+                forget_secret(value)
 
     def reload(self) -> Secrets:
         """Forget what was read and look again (SIGHUP)."""
@@ -236,6 +252,45 @@ def classify(code: str, message: str, request_id: str | None = None) -> ApiError
     return PermanentApiError(code, message, request_id)
 
 
+class Pacer:
+    """Spaces the calls of one action to `rate` per second, with bursts of `burst` calls.
+
+    One per action, shared by all the threads making that call (the limit is per
+    account), so that several pull or confirm threads together stay under it instead
+    of being refused with RequestLimitExceeded and backing off. A caller waits for its
+    slot in arrival order; `sleep` may return early (a stop event's wait).
+    """
+
+    def __init__(self, rate: float = API_PACE_PER_S, burst: int = 5, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self._interval = 1.0 / rate
+        self._slack = burst * self._interval
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = 0.0  # the theoretical time of the next call (GCRA)
+
+    def wait(self) -> float:
+        """Wait for this call's slot; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._next = max(self._next, now) + self._interval
+            delay = self._next - self._slack - now
+        if delay > 0:
+            # Bounded by (threads waiting) / rate: a few tens of milliseconds.
+            self._sleep(delay)
+            return delay
+        return 0.0
+
+
+class _Client(CommonClient):  # type: ignore[misc]  # the SDK has no type hints
+    """CommonClient that decodes each reply once: `_response` finds errors in it instead."""
+
+    def _check_error(self, resp: Any) -> None:
+        """The SDK's check decodes the whole body, which call_json then decodes again."""
+
+
 class TencentVod:
     """VodApi over the SDK's CommonClient; one instance per thread (it owns a Session)."""
 
@@ -245,8 +300,7 @@ class TencentVod:
         # Our own retry policy decides; the SDK's retryer sleeps after the last failure,
         # and its region breaker turns network errors into AttributeError.
         profile = ClientProfile(httpProfile=http, disable_region_breaker=True, language="en-US")
-        self._client = CommonClient("vod", API_VERSION, credentials, config.region,
-                                    profile=profile)
+        self._client = _Client("vod", API_VERSION, credentials, config.region, profile=profile)
 
     def pull(self, sub_app_id: int | None) -> list[Any]:
         """PullEvents; ResourceNotFound ('no event') is an empty list, not an error."""
@@ -287,9 +341,14 @@ class TencentVod:
         except (requests.RequestException, OSError) as exc:
             # The body is streamed: a reset while reading it escapes the SDK's wrapper.
             raise TransientApiError("ClientNetworkError", type(exc).__name__) from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Not JSON, or JSON without Response: the SDK lets these through unwrapped.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # Not JSON, JSON without Response, or nested past what json.loads can decode:
+            # the SDK lets these through unwrapped.
             raise TransientApiError("InvalidResponse", f"{type(exc).__name__} in reply") from None
+        except ConfigError as exc:
+            # The credential chain re-reads files while signing: one missing or empty
+            # mid-rotation is a wait-for-the-operator failure, not a crash of the loop.
+            raise AuthError("CredentialsUnavailable", str(exc)) from None
         return _response(body)
 
 

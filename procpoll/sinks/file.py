@@ -37,7 +37,8 @@ class FileSink:
     def _open(self) -> int:
         if self._fd is None:
             self._options.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._options.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            # Read access too: the cut-line check below reads the last byte (EBADF otherwise).
+            fd = os.open(self._options.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 # A crash cut the last line short: start on a fresh line.
