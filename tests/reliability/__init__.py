@@ -1,0 +1,1 @@
+"""Reliability suite: chaos, partition, bad input, auth, secrets, disk and bounds."""
