@@ -121,6 +121,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 def _start(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
+    logs.log_thread_crashes()
     return config
 
 

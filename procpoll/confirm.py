@@ -62,7 +62,9 @@ class Confirmer:
         """Queue a handle whose event is complete."""
         with self._cv:
             self._queues[receipt.sub_app_id].append(receipt)
-            self._cv.notify()
+            # Wake a thread only when it would send, not once per handle for nothing.
+            if self._should_send(receipt.sub_app_id):
+                self._cv.notify()
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued handle was sent (or dropped); then let the threads exit."""
@@ -114,6 +116,9 @@ class Confirmer:
                 continue
             try:
                 retry = self._send(api, app, batch)
+            except Exception:  # a bug must not silently end confirming for this sub-app
+                log.exception("confirm.crashed", sub_app_id=app, handles=len(batch))
+                retry = [r for r in batch if r.deadline > self._clock()]
             finally:
                 with self._cv:
                     self._busy -= 1

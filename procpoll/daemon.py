@@ -93,8 +93,8 @@ class Daemon:
 
     def run(self) -> int:
         """Pull, deliver and confirm until SIGTERM/SIGINT; returns the exit status."""
-        self._announce()
         self._install_signals()
+        self._announce()
         self.dispatcher.start()
         self.confirmer.start()
         for app in self.apps:

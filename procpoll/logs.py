@@ -110,3 +110,17 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             root.removeHandler(handler)
     root.addHandler(_StdlibBridge())
     root.setLevel(logging.WARNING)
+
+
+def log_thread_crashes() -> None:
+    """Send exceptions that end a thread through the JSON log (redacted), not to stderr."""
+    threading.excepthook = _log_thread_crash
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread that dies of an exception is logged like everything else: JSON, redacted."""
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger("procpoll").error(
+        "thread.crashed", thread=args.thread.name if args.thread else None,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback))

@@ -358,6 +358,8 @@ def _response(body: Any) -> dict[str, Any]:
     if not isinstance(response, dict):
         raise TransientApiError("InvalidResponse", "reply has no Response object")
     error = response.get("Error")
+    if error is not None and not isinstance(error, dict):
+        raise TransientApiError("InvalidResponse", "Response.Error is not an object")
     if isinstance(error, dict):
         raise classify(_text(error.get("Code")) or "UnknownError", _text(error.get("Message")),
                        _text(response.get("RequestId")) or None)

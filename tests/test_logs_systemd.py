@@ -79,3 +79,27 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval_s({"WATCHDOG_USEC": "60000000"}) == 30.0
     assert watchdog_interval_s({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval_s({}) is None
+
+
+def test_a_crashing_thread_is_logged_as_json_and_redacted() -> None:
+    """An exception that ends a thread becomes a `thread.crashed` JSON line, secrets removed."""
+    import threading  # noqa: PLC0415
+
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    logs.register_secret("thread-secret-value")
+    previous = threading.excepthook
+    logs.log_thread_crashes()
+    try:
+        def boom() -> None:
+            raise ValueError("leaked thread-secret-value")
+
+        thread = threading.Thread(target=boom, name="worker-x")
+        thread.start()
+        thread.join()
+    finally:
+        threading.excepthook = previous
+    record = json.loads(out.getvalue())
+    assert record["event"] == "thread.crashed"
+    assert record["thread"] == "worker-x"
+    assert "thread-secret-value" not in out.getvalue()

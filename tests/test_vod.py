@@ -98,6 +98,7 @@ def test_error_with_charset_content_type_is_still_an_error(api: TencentVod) -> N
     ('{"NoResponse": 1}', 200, "application/json"),
     ('{"Response": "string"}', 200, "application/json"),
     ('{"Response": {"EventSet": {"a": 1}}}', 200, "application/json"),
+    ('{"Response": {"Error": "string", "RequestId": "r"}}', 200, "application/json"),
     ("[1, 2]", 200, "application/json"),
 ])
 def test_junk_replies_are_transient(api: TencentVod, body: Any, status: int,
