@@ -25,7 +25,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_never,
-    wait_random_exponential,
+    wait_exponential_jitter,
 )
 
 from procpoll import logs
@@ -375,7 +375,8 @@ def _pull_wait(state: RetryCallState) -> float:
     return float(_EXPONENTIAL(state))
 
 
-_EXPONENTIAL = wait_random_exponential(multiplier=0.5, max=30)
+# 0.5 s, 1 s, 2 s … capped at 30 s, plus up to 0.5 s of jitter: never a zero wait.
+_EXPONENTIAL = wait_exponential_jitter(initial=0.5, max=30, jitter=0.5)
 
 
 def _log_pull_error(app: int | None) -> Callable[[RetryCallState], None]:
