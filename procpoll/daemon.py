@@ -25,14 +25,15 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from procpoll import logs
 from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
-from procpoll.dispatch import Dispatcher, Policy, Receipt, Route
+from procpoll.dispatch import PULL_BATCH_MAX, Dispatcher, Policy, Receipt, Route
 from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError
 from procpoll.events import parse_event
 from procpoll.ledger import Ledger
@@ -48,6 +49,7 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 ONCE_PULL_ATTEMPTS = 3
 AUTH_BACKOFF_S = 60.0
+PULL_BACKOFF_MAX_S = 30.0
 PRUNE_EVERY_S = 3600.0
 CREDENTIALS_CHECK_S = 1.0
 _NO_ANSWER_CODES = {"ClientNetworkError", "ServerNetworkError", "InvalidResponse"}
@@ -80,6 +82,7 @@ class Daemon:
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
         self._pull_pacer = Pacer(sleep=self.stop_event.wait)
+        self._pull_gate = _PullGate()
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
                                    on_progress=self._answered, pacer=Pacer())
         self.dispatcher = Dispatcher(
@@ -274,10 +277,16 @@ class Daemon:
                 log.info("pull.backpressure", sub_app_id=app, wait_s=round(delay, 2))
                 if self.stop_event.wait(delay):
                     return False
+            if not self._pull_gate.enter(app, 1.0):
+                return True
+            full = False
             try:
                 sent_at, items = self._pull(api, app)
+                full = len(items) >= PULL_BATCH_MAX
             except _Stopped:
                 return False
+            finally:
+                self._pull_gate.leave(app, full=full)
             self._accept(app, sent_at, items)
         finally:
             self.dispatcher.release_capacity()
@@ -359,6 +368,37 @@ class Daemon:
         self.confirmer.submit(Receipt(handle, app, deadline))
 
 
+class _PullGate:
+    """While pulls come back partial (the queue is empty), one pull per sub-app at a time.
+
+    A pull costs the same CPU whatever it carries. With the queue empty, one pull in
+    flight sees each new event within a round trip; more pullers would only split the
+    same events into more, smaller pulls. After a full batch (a backlog), all pull.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._in_flight: dict[int | None, int] = {}
+        self._backlog: dict[int | None, bool] = {}
+
+    def enter(self, app: int | None, timeout_s: float) -> bool:
+        """Wait for this puller's turn; False if it did not come within `timeout_s`."""
+        with self._cv:
+            if not self._cv.wait_for(
+                    lambda: self._backlog.get(app, True) or not self._in_flight.get(app),
+                    timeout_s):
+                return False
+            self._in_flight[app] = self._in_flight.get(app, 0) + 1
+            return True
+
+    def leave(self, app: int | None, *, full: bool) -> None:
+        """The pull is over: `full` (16 events) means more are likely waiting."""
+        with self._cv:
+            self._in_flight[app] -= 1
+            self._backlog[app] = full
+            self._cv.notify_all()
+
+
 def _close_sinks(routes: list[Route]) -> None:
     for route in routes:
         try:
@@ -376,7 +416,7 @@ def _pull_wait(state: RetryCallState) -> float:
 
 
 # 0.5 s, 1 s, 2 s … capped at 30 s, plus up to 0.5 s of jitter: never a zero wait.
-_EXPONENTIAL = wait_exponential_jitter(initial=0.5, max=30, jitter=0.5)
+_EXPONENTIAL = wait_exponential(multiplier=0.5, max=PULL_BACKOFF_MAX_S) + wait_random(0, 0.5)
 
 
 def _log_pull_error(app: int | None) -> Callable[[RetryCallState], None]:

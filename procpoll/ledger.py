@@ -24,8 +24,14 @@ from pathlib import Path
 from procpoll.errors import LedgerError
 
 SCHEMA_VERSION = 1
-_ROWS_PER_INSERT = 150  # 6 parameters a row: under SQLite's oldest limit of 999
-_READER_CACHE_KIB = 512  # per reader connection; lookups touch a few pages each
+# Rows per INSERT: a statement per row count stays prepared on the connection (its
+# statement cache), so few row counts keep that memory small and bounded.
+_ROWS_PER_INSERT = 16
+# Reader connections: lookups give up the GIL while in SQLite, so a few overlap; each
+# has its own page cache, so an unbounded pool (one per worker) grew RSS with the file.
+_MAX_READERS = 4
+_READER_CACHE_KIB = 256  # per reader; a lookup touches a few B-tree pages
+_READER_WAIT_S = 5.0  # the writer's busy timeout: a reader is never held that long
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -101,7 +107,7 @@ class Ledger:
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"{path}: cannot open the ledger: {exc}") from exc
         self._lock = threading.Lock()  # the writer connection
-        # Idle reader connections; one is opened whenever all are in use.
+        # Idle reader connections; up to _MAX_READERS are opened as lookups overlap.
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -134,14 +140,19 @@ class Ledger:
         with self._readers_lock:
             if self._closed:
                 raise LedgerError(f"{self.path}: read failed: the ledger is closed")
-            try:
-                reader = sqlite3.connect(self.path, check_same_thread=False,
-                                         isolation_level=None, timeout=5.0)
-                reader.execute(f"PRAGMA cache_size=-{_READER_CACHE_KIB}")
-            except sqlite3.Error as exc:
-                raise LedgerError(f"{self.path}: read failed: {exc}") from exc
-            self._all_readers.append(reader)
-        return reader
+            if len(self._all_readers) < _MAX_READERS:
+                try:
+                    reader = sqlite3.connect(self.path, check_same_thread=False,
+                                             isolation_level=None, timeout=5.0)
+                    reader.execute(f"PRAGMA cache_size=-{_READER_CACHE_KIB}")
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"{self.path}: read failed: {exc}") from exc
+                self._all_readers.append(reader)
+                return reader
+        try:
+            return self._readers.get(timeout=_READER_WAIT_S)
+        except queue.Empty:
+            raise LedgerError(f"{self.path}: read failed: no reader free") from None
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
         """Durably record outcomes; returns once they are committed, raises LedgerError if not.

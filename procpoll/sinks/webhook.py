@@ -6,36 +6,17 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
-
-import urllib3
-from requests.adapters import HTTPAdapter
-from requests.utils import (
-    DEFAULT_CA_BUNDLE_PATH,
-    get_environ_proxies,
-    get_netrc_auth,
-    select_proxy,
-)
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    NewConnectionError,
-    ProxyError,
-    ReadTimeoutError,
-    SSLError,
-)
 
 from procpoll.errors import SinkError
 from procpoll.logs import register_secret
 from procpoll.schema import Table
 from procpoll.sinks.base import Delivery, Sink, SinkConfig, SinkType
+from procpoll.sinks.transport import netrc_headers, transport_for
 
 _RETRYABLE_STATUS = {408, 425, 429}
-# Connections kept per receiver: [daemon] concurrency is at most 1024, and a smaller
-# pool would open and discard a connection per POST beyond it.
-_POOL_SIZE = 1024
 _PER_EVENT_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
 
 
@@ -114,26 +95,15 @@ class WebhookSink:
     def __init__(self, name: str, options: WebhookOptions) -> None:
         self.name = name
         self._options = options
-        # One thread-safe keep-alive pool for all workers, straight on urllib3: a
-        # requests.Session re-reads proxies and ~/.netrc from the environment and
-        # re-merges its settings on every POST, which cost 3x the CPU of the POST itself.
-        # The environment is read here, once, the way requests reads it.
-        self._manager = _pool_manager(options.url, options.verify_tls)
-        self._pool: urllib3.PoolManager | urllib3.HTTPConnectionPool = self._manager
-        self._target = options.url
-        if not isinstance(self._manager, urllib3.ProxyManager):
-            parts = urlsplit(options.url)
-            self._pool = self._manager.connection_from_url(options.url)
-            self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = urllib3.HTTPHeaderDict({"Content-Type": "application/json",
-                                          "User-Agent": "procpoll"})
-        auth = get_netrc_auth(options.url)  # what requests would add from ~/.netrc
-        if auth:
-            headers.update(urllib3.util.make_headers(basic_auth=":".join(auth)))
-        for key, value in options.headers.items():
+        self._transport = transport_for(options.url, options.verify_tls)
+        headers = {"Content-Type": "application/json", "User-Agent": "procpoll",
+                   **netrc_headers(options.url)}
+        for key, value in options.headers.items():  # configured headers win, any case
             if key.lower() not in _PER_EVENT_HEADERS:
+                for known in [k for k in headers if k.lower() == key.lower()]:
+                    del headers[known]
                 headers[key] = value
-        self._headers = dict(headers)
+        self._headers = headers
 
     def deliver(self, delivery: Delivery) -> None:
         """POST the event body; raise SinkError unless the receiver answers 2xx."""
@@ -143,47 +113,15 @@ class WebhookSink:
         if self._options.secrets:
             headers.update(signature_headers(self._options.secrets, event.key, body,
                                              int(time.time())))
-        try:
-            response = self._pool.urlopen("POST", self._target, body=body, headers=headers,
-                                          timeout=delivery.timeout_s, redirect=False,
-                                          retries=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise SinkError(f"{_failure_name(exc)} posting to the webhook") from None
-        status = response.status
+        status = self._transport.post(body, headers, delivery.timeout_s)
         if 200 <= status < 300:
             return
         retryable = status >= 500 or status in _RETRYABLE_STATUS
         raise SinkError(f"HTTP {status}", retryable=retryable)
 
     def close(self) -> None:
-        """Close the pooled connections."""
-        self._manager.clear()
-
-
-def _pool_manager(url: str, verify_tls: bool) -> urllib3.PoolManager:
-    """A pool honouring the environment as requests does: *_PROXY/NO_PROXY, the CA bundle."""
-    cert_reqs, ca_certs = "CERT_NONE", None
-    if verify_tls:
-        cert_reqs = "CERT_REQUIRED"
-        ca_certs = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-                    or DEFAULT_CA_BUNDLE_PATH)
-    proxy = select_proxy(url, get_environ_proxies(url))
-    if proxy:
-        manager: urllib3.PoolManager = HTTPAdapter(pool_maxsize=_POOL_SIZE).proxy_manager_for(
-            proxy, cert_reqs=cert_reqs, ca_certs=ca_certs)
-        return manager
-    return urllib3.PoolManager(maxsize=_POOL_SIZE, cert_reqs=cert_reqs, ca_certs=ca_certs)
-
-
-def _failure_name(exc: BaseException) -> str:
-    """The transport failure as requests names it, so reasons in logs stay the same."""
-    if isinstance(exc, NewConnectionError):  # a subclass of ConnectTimeoutError
-        return "ConnectionError"
-    for kind, name in ((ConnectTimeoutError, "ConnectTimeout"), (ReadTimeoutError, "ReadTimeout"),
-                       (SSLError, "SSLError"), (ProxyError, "ProxyError")):
-        if isinstance(exc, kind):
-            return name
-    return "ConnectionError"
+        """Close the kept-alive connections."""
+        self._transport.close()
 
 
 def build(config: SinkConfig) -> Sink:

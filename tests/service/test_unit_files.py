@@ -134,7 +134,7 @@ def test_api_outage_never_reaches_the_start_limit(name: str) -> None:
 @pytest.mark.parametrize("name", UNITS)
 def test_watchdog_outlasts_the_worst_healthy_gap(name: str) -> None:
     """WatchdogSec exceeds a timed-out PullEvents plus the longest pull backoff."""
-    backoff_cap_s = float(daemon._EXPONENTIAL.max)  # the pull retry policy's ceiling
+    backoff_cap_s = daemon.PULL_BACKOFF_MAX_S + 0.5  # the pull retry policy's ceiling + jitter
     worst_gap_s = VodConfig().request_timeout_s + backoff_cap_s
     assert seconds(values(name, "WatchdogSec")[0]) > worst_gap_s
 
