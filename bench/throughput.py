@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from bench.harness import (
     read_machine,
     read_proc,
 )
+from bench.report import machine, table
 from procpoll.emulator import generate_events
 from procpoll.emulator.latency import percentile_ms
 
@@ -306,120 +306,6 @@ def _wait(condition: Any, timeout_s: float) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-# --- report -------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """Where the figures come from."""
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release(), "loadavg_at_start": os.getloadavg()[0]}
-
-
-def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
-    """(target, required, measured, met) rows."""
-    drain_r, sus, base = results["drain"], results["sustained"], results["baseline"]
-    ratio = drain_r["events_per_s"] / base["events_per_s"] if base["events_per_s"] else math.inf
-    best = max([drain_r, sus, *results.get("sweep", [])], key=lambda r: r["events_per_s"])
-    best_ratio = best["events_per_s"] / base["events_per_s"] if base["events_per_s"] else math.inf
-    rows: list[tuple[str, str, str, bool | None]] = [
-        ("events/s, backlog drain (1 sub-app)", "≥ 1,000",
-         f"{drain_r['events_per_s']:,.0f}", drain_r["events_per_s"] >= 1000),
-        (f"events/s, sustained at {sus['offered_per_s']:,.0f}/s offered", "≥ 1,000, kept up",
-         f"{sus['events_per_s']:,.0f} (max backlog {sus['max_backlog']})",
-         sus["offered_per_s"] >= 1000 and sus["events_per_s"] >= 0.97 * sus["offered_per_s"]),
-        ("x baseline loop (drain; best run of this bench)", "≥ 20x",
-         f"{ratio:.1f}x; {best_ratio:.1f}x ({best['scenario']}) "
-         f"(loop: {base['events_per_s']:.1f} events/s)", ratio >= 20),
-        (f"enqueue→confirm p50 / p99 at {sus['offered_per_s']:,.0f}/s offered",
-         "p99 < 250 ms", f"{sus['p50_ms']} / {sus['p99_ms']} ms",
-         sus["p99_ms"] is not None and sus["p99_ms"] < 250),
-    ]
-    if "sustained_low" in results:
-        low = results["sustained_low"]
-        rows.append((f"enqueue→confirm p50 / p99 at {low['offered_per_s']:,.0f}/s offered "
-                     f"(confirmed {low['events_per_s']:,.0f}/s, max backlog "
-                     f"{low['max_backlog']})", "p99 < 250 ms",
-                     f"{low['p50_ms']} / {low['p99_ms']} ms",
-                     low["p99_ms"] is not None and low["p99_ms"] < 250))
-    rows += [
-        (f"idle CPU over {sus['idle_s']:.0f} s", "< 0.5 % of a core",
-         f"{sus['idle_cpu_pct']} %",
-         sus["idle_cpu_pct"] is not None and sus["idle_cpu_pct"] < 0.5),
-        ("peak RSS (VmHWM)", "< 60 MB",
-         f"{max(drain_r['rss_peak_mb'], sus['rss_peak_mb'])} MB",
-         max(drain_r["rss_peak_mb"], sus["rss_peak_mb"]) < 60),
-        ("RSS under load: 1/3 → end of feed → after idle (idle before: "
-         f"{sus['rss_start_mb']} MB)", "flat",
-         f"{sus['rss_third_mb']} → {sus['rss_fed_end_mb']} → {sus['rss_end_mb']} MB", None),
-        ("CPU s per 1,000 events (drain / sustained)", "—",
-         f"{drain_r['cpu_s_per_1000']} / {sus['cpu_s_per_1000']}", None),
-    ]
-    if "log_info" in results:
-        info = results["log_info"]
-        per_event = info["log_bytes"] / max(info["backlog"], 1)
-        rows.append(("log level info: events/s, CPU s/1,000", "—",
-                     f"{info['events_per_s']:,.0f}, {info['cpu_s_per_1000']} "
-                     f"({per_event:.0f} log bytes/event)", None))
-    duplicates = sum(r.get("duplicate_posts", 0) for r in _all_runs(results))
-    rows.append(("duplicate webhook POSTs, all runs", "0", str(duplicates), duplicates == 0))
-    return rows
-
-
-def _all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = [v for v in results.values() if isinstance(v, dict) and "scenario" in v]
-    runs += results.get("sweep", [])
-    runs += [v for v in results.get("before", {}).values() if isinstance(v, dict)]
-    return runs
-
-
-def table(results: dict[str, Any]) -> str:
-    """The results as Markdown tables."""
-    mark = {True: "yes", False: "**no**", None: ""}
-    lines = ["| target | required | measured | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {mark[d]} |" for a, b, c, d in targets(results)]
-    if results.get("sweep"):
-        lines += ["", "| concurrency | events/s | CPU s / 1,000 events | CPU % of a core | "
-                  "host µs/parse |", "| ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {p['knobs']['concurrency']} | {p['events_per_s']:,.0f} | "
-                  f"{p['cpu_s_per_1000']} | {p['cpu_pct_of_core']} | {p['host_parse_us']} |"
-                  for p in results["sweep"]]
-    if results.get("before"):
-        b, a = results["before"], results
-        lines += ["", "| same run | before | after |", "| --- | ---: | ---: |",
-                  f"| drain events/s | {b['drain']['events_per_s']:,.0f} | "
-                  f"{a['drain']['events_per_s']:,.0f} |",
-                  f"| drain CPU s / 1,000 events | {b['drain']['cpu_s_per_1000']} | "
-                  f"{a['drain']['cpu_s_per_1000']} |",
-                  f"| sustained p50 / p99 ms | {b['sustained']['p50_ms']} / "
-                  f"{b['sustained']['p99_ms']} | {a['sustained']['p50_ms']} / "
-                  f"{a['sustained']['p99_ms']} |",
-                  f"| sustained CPU s / 1,000 events | {b['sustained']['cpu_s_per_1000']} | "
-                  f"{a['sustained']['cpu_s_per_1000']} |",
-                  f"| host µs/parse (drain, sustained) | {b['drain']['host_parse_us']}, "
-                  f"{b['sustained']['host_parse_us']} | {a['drain']['host_parse_us']}, "
-                  f"{a['sustained']['host_parse_us']} |"]
-    m = results["machine"]
-    lines += ["", f"Machine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}, "
-              f"Linux {m['kernel']}, load average {m['loadavg_at_start']:.2f} at start."]
-    loads = [f"{r['scenario']} {r['machine_busy_pct']} % busy, others "
-             f"{r['others_cpu_pct']} % of a CPU, {r['host_parse_us']} µs"
-             for r in _all_runs(results)
-             if r.get("machine_busy_pct") is not None and not r["scenario"].startswith("sweep")]
-    if loads:
-        lines.append("Shared machine during the runs (all CPUs busy; others = not the daemon, "
-                     "emulator or receiver; host speed = µs to parse one event in the bench "
-                     "process, lower is faster): " + "; ".join(loads) + ".")
-    if results.get("sweep"):
-        speeds = [p["host_parse_us"] for p in results["sweep"]]
-        lines.append(f"Host speed during the sweep: {min(speeds)} to {max(speeds)} µs.")
-    return "\n".join(lines)
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class VodConfig:
     sub_app_ids: tuple[int, ...] = ()
     request_timeout_s: float = 10.0
     confirm_window_s: float = 30.0
+    requests_per_s: float = 95.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +55,8 @@ class LedgerConfig:
 class DaemonConfig:
     """[daemon]: concurrency, policies and lifecycle."""
 
-    concurrency: int = 16
-    pullers: int = 2
+    concurrency: int = 32
+    pullers: int = 4
     max_in_flight: int = 256
     unrouted: str = "confirm"
     max_age_s: float = 2 * DAY_S
@@ -145,6 +146,7 @@ def _vod(t: Table) -> VodConfig:
         request_timeout_s=t.seconds("request_timeout", d.request_timeout_s, high=300),
         confirm_window_s=t.seconds("confirm_window", d.confirm_window_s, low=0, low_inclusive=False,
                                    high=300),
+        requests_per_s=_rate(t, "requests_per_s", d.requests_per_s),
     )
     if not vod.endpoint or "/" in vod.endpoint:
         t.bad("endpoint", f"expected host[:port] without scheme or path, got {vod.endpoint!r}")
@@ -155,6 +157,14 @@ def _vod(t: Table) -> VodConfig:
         t.bad("sub_app_ids", "duplicate sub-application id")
     t.finish()
     return vod
+
+
+def _rate(t: Table, key: str, default: float) -> float:
+    value = t.claim(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 10_000:
+        t.bad(key, f"expected a number of calls per second in (0, 10000], got {value!r}")
+        return default
+    return float(value)
 
 
 def _credentials(t: Table) -> CredentialsConfig:

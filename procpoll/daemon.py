@@ -81,10 +81,11 @@ class Daemon:
         self._config_path = config_path
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
-        self._pull_pacer = Pacer(sleep=self.stop_event.wait)
+        self._pull_pacer = Pacer(config.vod.requests_per_s, sleep=self.stop_event.wait)
         self._pull_gate = _PullGate()
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
-                                   on_progress=self._answered, pacer=Pacer())
+                                   on_progress=self._answered,
+                                   pacer=Pacer(config.vod.requests_per_s))
         self.dispatcher = Dispatcher(
             [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
             lambda receipt, _event: self.confirmer.submit(receipt),

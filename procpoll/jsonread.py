@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -160,9 +161,13 @@ def model(cls: type[T]) -> type[T]:
 def build(cls: type[M], d: JsonObject, path: str, **extra: object) -> M:
     """Read every `member` field of `cls` from `d`; `extra` supplies the others; raw is `d`."""
     values: dict[str, Any] = {"raw": d}
-    for f in fields(cls):
-        if "json" in f.metadata:
-            key, read = f.metadata["json"]
-            values[f.name] = read(d, key, path)
+    for name, key, read in _members(cls):
+        values[name] = read(d, key, path)
     values.update(extra)
     return cls(**values)
+
+
+@functools.cache
+def _members(cls: type[DataclassInstance]) -> tuple[tuple[str, str, Reader[Any]], ...]:
+    """(field name, JSON key, reader) of each `member` field; computed once per class."""
+    return tuple((f.name, *f.metadata["json"]) for f in fields(cls) if "json" in f.metadata)

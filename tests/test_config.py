@@ -26,7 +26,8 @@ def test_empty_document_gives_the_documented_defaults() -> None:
     config = parse_config({}, "cfg.toml")
     assert config.vod.endpoint == "vod.tencentcloudapi.com"
     assert config.vod.request_timeout_s == 10.0
-    assert config.daemon.concurrency == 16
+    assert config.daemon.concurrency == 32
+    assert config.vod.requests_per_s == 95.0
     assert config.daemon.unrouted == "confirm"
     assert config.ledger.retention_s == 7 * 86_400
     assert config.sinks == ()
