@@ -14,6 +14,7 @@ import pytest
 
 from procpoll import logs
 from procpoll.config import Config, parse_config
+from procpoll.daemon import Daemon
 from procpoll.emulator import Emulator
 
 
@@ -59,6 +60,27 @@ def emulator() -> Iterator[Emulator]:
         yield emu
     finally:
         emu.stop()
+
+
+@pytest.fixture
+def run_daemon() -> Iterator[Callable[[Config, dict[str, str]], Daemon]]:
+    """Start Daemon.run in a thread; at teardown stop it and require exit status 0."""
+    started: list[tuple[Daemon, threading.Thread, list[int]]] = []
+
+    def start(config: Config, environ: dict[str, str]) -> Daemon:
+        daemon = Daemon(config, environ=environ)
+        status: list[int] = []
+        thread = threading.Thread(target=lambda: status.append(daemon.run()), daemon=True)
+        thread.start()
+        started.append((daemon, thread, status))
+        return daemon
+
+    yield start
+    for daemon, thread, status in started:
+        daemon.stop()
+        thread.join(20)
+        assert not thread.is_alive(), "the daemon did not stop"
+        assert status == [0]
 
 
 class Receiver:

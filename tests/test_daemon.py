@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +25,10 @@ def task_event(task_id: str, status: str = "FINISH", **extra: Any) -> dict[str, 
 
 
 @pytest.fixture
-def start_daemon() -> Iterator[Callable[[Config, Emulator], Daemon]]:
-    """Start Daemon.run in a thread; stop it and check it exited 0 at teardown."""
-    started: list[tuple[Daemon, threading.Thread, list[int]]] = []
-
-    def start(config: Config, emu: Emulator) -> Daemon:
-        daemon = Daemon(config, environ=emulator_env(emu))
-        status: list[int] = []
-        thread = threading.Thread(target=lambda: status.append(daemon.run()), daemon=True)
-        thread.start()
-        started.append((daemon, thread, status))
-        return daemon
-
-    yield start
-    for daemon, thread, status in started:
-        daemon.stop()
-        thread.join(15)
-        assert not thread.is_alive(), "the daemon did not stop"
-        assert status == [0]
+def start_daemon(run_daemon: Callable[[Config, dict[str, str]], Daemon],
+                 ) -> Callable[[Config, Emulator], Daemon]:
+    """Start Daemon.run in a thread with the emulator's credentials."""
+    return lambda config, emu: run_daemon(config, emulator_env(emu))
 
 
 def pull_calls(emu: Emulator) -> int:

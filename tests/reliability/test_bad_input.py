@@ -107,23 +107,10 @@ def test_wrong_types_anywhere_in_a_procedure_task_parse_or_raise_event_parse_err
 
 
 @pytest.fixture
-def running() -> Iterator[Callable[[Config, dict[str, str]], Daemon]]:
-    """Start Daemon.run in a thread; at teardown stop it and require exit status 0."""
-    started: list[tuple[Daemon, threading.Thread, list[int]]] = []
-
-    def start(config: Config, environ: dict[str, str]) -> Daemon:
-        daemon = Daemon(config, environ=environ)
-        status: list[int] = []
-        thread = threading.Thread(target=lambda: status.append(daemon.run()), daemon=True)
-        thread.start()
-        started.append((daemon, thread, status))
-        return daemon
-
-    yield start
-    for daemon, thread, status in started:
-        daemon.stop()
-        thread.join(20)
-        assert status == [0]
+def running(run_daemon: Callable[[Config, dict[str, str]], Daemon],
+            ) -> Callable[[Config, dict[str, str]], Daemon]:
+    """Start Daemon.run in a thread; stopped (exit 0 required) at teardown."""
+    return run_daemon
 
 
 def crashes(log_lines: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:

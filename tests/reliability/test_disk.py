@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,23 +56,10 @@ def fill(directory: Path) -> Path:
 
 
 @pytest.fixture
-def running(log_lines: Logs) -> Iterator[Callable[[Config, Emulator], Daemon]]:
+def running(log_lines: Logs, run_daemon: Callable[[Config, dict[str, str]], Daemon],
+            ) -> Callable[[Config, Emulator], Daemon]:
     """Daemon.run in a thread (log captured by log_lines); stopped before the disk goes."""
-    started: list[tuple[Daemon, threading.Thread, list[int]]] = []
-
-    def start(config: Config, emu: Emulator) -> Daemon:
-        daemon = Daemon(config, environ=emulator_env(emu))
-        status: list[int] = []
-        thread = threading.Thread(target=lambda: status.append(daemon.run()), daemon=True)
-        thread.start()
-        started.append((daemon, thread, status))
-        return daemon
-
-    yield start
-    for daemon, thread, status in started:
-        daemon.stop()
-        thread.join(20)
-        assert status == [0]
+    return lambda config, emu: run_daemon(config, emulator_env(emu))
 
 
 def named(log_lines: Logs, event: str) -> list[dict[str, Any]]:
