@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -60,11 +62,28 @@ _DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
     ExceptionDictTransformer(show_locals=False))
 
 
-def _render_redacted(renderer: Any) -> Any:
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def _render_redacted(renderer: Any, *, journal: bool) -> Any:
     def render(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
-        return redact(str(renderer(logger, name, event_dict)))
+        line = redact(str(renderer(logger, name, event_dict)))
+        if journal:
+            # journald strips "<N>" and files the line at that priority: `journalctl -p`.
+            return f"<{_SYSLOG_PRIORITY.get(event_dict.get('level', ''), 6)}>{line}"
+        return line
 
     return render
+
+
+def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is the journald stream systemd connected ($JOURNAL_STREAM=dev:ino)."""
+    device_inode = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return device_inode == f"{st.st_dev}:{st.st_ino}"
 
 
 class _StdlibBridge(logging.Handler):
@@ -96,7 +115,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             _DICT_TRACEBACKS if fmt == "json" else structlog.processors.format_exc_info,
-            _render_redacted(renderer),
+            _render_redacted(renderer, journal=writes_to_journal(out)),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

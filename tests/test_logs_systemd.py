@@ -103,3 +103,25 @@ def test_a_crashing_thread_is_logged_as_json_and_redacted() -> None:
     assert record["event"] == "thread.crashed"
     assert record["thread"] == "worker-x"
     assert "thread-secret-value" not in out.getvalue()
+
+
+def test_lines_carry_a_syslog_priority_only_when_stdout_is_the_journal(tmp_path: Path) -> None:
+    """Under journald ($JOURNAL_STREAM = our stdout) each line starts with <N> for
+    `journalctl -p`; anywhere else the line is plain JSON."""
+    path = tmp_path / "out.log"
+    with path.open("w", encoding="utf-8") as stream:
+        st = os.fstat(stream.fileno())
+        assert logs.writes_to_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not logs.writes_to_journal(stream, {"JOURNAL_STREAM": "1:2"})
+        assert not logs.writes_to_journal(stream, {})
+        os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        try:
+            logs.configure("info", "json", stream=stream)
+            structlog.get_logger("t").error("api.auth_failed")
+            structlog.get_logger("t").info("event.delivered")
+        finally:
+            del os.environ["JOURNAL_STREAM"]
+    first, second = path.read_text(encoding="utf-8").splitlines()
+    assert first.startswith("<3>{")
+    assert json.loads(first[3:])["event"] == "api.auth_failed"
+    assert second.startswith("<6>{")
