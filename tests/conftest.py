@@ -83,6 +83,17 @@ def run_daemon() -> Iterator[Callable[[Config, dict[str, str]], Daemon]]:
         assert status == [0]
 
 
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threaded HTTP server on 127.0.0.1 (ephemeral port), serving in a daemon thread.
+
+    Stop it with `server.shutdown(); server.server_close()`.
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    return server
+
+
 class Receiver:
     """A local HTTP server that records POSTed bodies and answers with a scripted status."""
 
@@ -111,10 +122,7 @@ class Receiver:
             def log_message(self, *_args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server = serve_on_loopback(Handler)
 
     @property
     def url(self) -> str:

@@ -106,14 +106,14 @@ class DirectTransport:
                 conn.sock.settimeout(timeout_s)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise SinkError(f"{_connect_failure(exc)} posting to the webhook") from None
+            raise SinkError(f"{_failure(exc, 'ConnectTimeout')} posting to the webhook") from None
         try:
             conn.request("POST", self._target, body=body, headers=headers)
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise SinkError(f"{_exchange_failure(exc)} posting to the webhook") from None
+            raise SinkError(f"{_failure(exc, 'ReadTimeout')} posting to the webhook") from None
         if response.will_close:
             conn.close()
         return response.status
@@ -146,19 +146,12 @@ def _dropped(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def _connect_failure(exc: BaseException) -> str:
+def _failure(exc: BaseException, timeout_name: str) -> str:
+    """The requests-style name of a transport failure (ConnectTimeout or ReadTimeout, …)."""
     if isinstance(exc, ssl.SSLError):
         return "SSLError"
     if isinstance(exc, TimeoutError):
-        return "ConnectTimeout"
-    return "ConnectionError"
-
-
-def _exchange_failure(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return "SSLError"
-    if isinstance(exc, TimeoutError):
-        return "ReadTimeout"
+        return timeout_name
     return "ConnectionError"
 
 

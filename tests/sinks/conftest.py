@@ -6,7 +6,7 @@ import copy
 import json
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from procpoll.config import parse_config
 from procpoll.errors import ConfigError
 from procpoll.events import Event, parse_callback_body
 from procpoll.sinks.base import Delivery, SinkConfig
+from tests.conftest import serve_on_loopback
 
 PAYLOADS = Path(__file__).parent.parent / "data" / "payloads"
 
@@ -90,11 +91,7 @@ class Recorder:
             def log_message(self, *_args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
-                                       daemon=True)
-        self.thread.start()
+        self.server = serve_on_loopback(Handler)
 
     @property
     def url(self) -> str:
