@@ -7,6 +7,12 @@ the way requests reads it: HTTP(S)_PROXY/NO_PROXY (a proxied URL goes through ur
 proxy manager, as requests would send it), REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE, ~/.netrc.
 Transport failures raise SinkError named as requests names them (ConnectionError,
 ConnectTimeout, ReadTimeout, SSLError, ProxyError), so log reasons stay the same.
+
+A sink's `timeout` bounds the whole attempt, not each socket operation: a receiver that
+trickles its answer a byte at a time would otherwise hold a worker for as long as it
+likes. Before each connect, send and receive the socket's timeout is set to the time
+left. At most 64 KiB of the answer's body is read; a connection with more unread is
+closed rather than reused.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import select
 import socket
 import ssl
 import threading
-from typing import Protocol
+import time
+from typing import TYPE_CHECKING, Protocol, cast
 from urllib.parse import urlsplit
 
 import urllib3
@@ -38,9 +45,16 @@ from urllib3.exceptions import (
 
 from procpoll.errors import SinkError
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
 # Connections kept through a proxy: [daemon] concurrency is at most 1024, and a smaller
 # pool would open and discard a connection per POST beyond it.
 _PROXY_POOL_SIZE = 1024
+
+# The status is all procpoll needs from an answer; reading an unbounded body would let a
+# receiver hold the worker and its memory.
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 class Transport(Protocol):
@@ -76,7 +90,8 @@ class DirectTransport:
     """A kept-alive http.client connection per thread to one receiver.
 
     A connection the receiver closed while idle reads as ready (EOF) and is replaced
-    before use, as urllib3 does; a connection whose exchange failed is never reused.
+    before use, as urllib3 does; a connection whose exchange failed, or whose answer
+    had more than MAX_RESPONSE_BYTES of body, is never reused.
     """
 
     def __init__(self, url: str, verify_tls: bool) -> None:
@@ -91,40 +106,40 @@ class DirectTransport:
             self._context = ssl.create_default_context()
             self._context.check_hostname = False
             self._context.verify_mode = ssl.CERT_NONE
+        if self._context is not None:
+            self._context.sslsocket_class = _DeadlineTLSSocket
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[http.client.HTTPConnection] = []
+        self._connections: list[_Connection | _TLSConnection] = []
 
     def post(self, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-        """POST over this thread's connection, opening it if needed."""
+        """POST over this thread's connection, opening it if needed, all within `timeout_s`."""
         conn = self._connection()
+        conn.deadline.at = time.monotonic() + timeout_s
         try:
             if conn.sock is None:
-                conn.timeout = timeout_s
                 conn.connect()
-            else:
-                conn.sock.settimeout(timeout_s)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise SinkError(f"{_failure(exc, 'ConnectTimeout')} posting to the webhook") from None
+            raise SinkError(_reason(exc, "ConnectTimeout", timeout_s)) from None
         try:
             conn.request("POST", self._target, body=body, headers=headers)
             response = conn.getresponse()
-            response.read()
+            response.read(MAX_RESPONSE_BYTES)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise SinkError(f"{_failure(exc, 'ReadTimeout')} posting to the webhook") from None
-        if response.will_close:
-            conn.close()
+            raise SinkError(_reason(exc, "ReadTimeout", timeout_s)) from None
+        if response.will_close or not response.isclosed():
+            conn.close()  # the receiver says so, or the body's rest is still unread
         return response.status
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self) -> _Connection | _TLSConnection:
+        conn: _Connection | _TLSConnection | None = getattr(self._local, "conn", None)
         if conn is None:
             if self._context is not None:
-                conn = http.client.HTTPSConnection(self._host, self._port, context=self._context)
+                conn = _TLSConnection(self._host, self._port, context=self._context)
             else:
-                conn = http.client.HTTPConnection(self._host, self._port)
+                conn = _Connection(self._host, self._port)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -139,11 +154,134 @@ class DirectTransport:
                 conn.close()
 
 
+class _Deadline:
+    """When the current attempt must be over (monotonic s); shared by a connection and its socket.
+
+    One per connection, updated per attempt, so an attempt allocates nothing for it.
+    """
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def time_left_s(self) -> float:
+        """Seconds left, or TimeoutError if none are."""
+        left_s = self.at - time.monotonic()
+        if left_s <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        return left_s
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every send and receive ends by its connection's deadline.
+
+    http.client sends with sendall and reads through makefile(), whose reads all come
+    down to recv_into.
+    """
+
+    deadline: _Deadline
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
+        """sendall, with the socket timeout set to the time left (it bounds the whole call)."""
+        self.settimeout(self.deadline.time_left_s())
+        super().sendall(data, flags)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        """recv_into, with the socket timeout set to the time left."""
+        self.settimeout(self.deadline.time_left_s())
+        return super().recv_into(buffer, nbytes, flags)
+
+
+class _DeadlineTLSSocket(ssl.SSLSocket):
+    """The TLS counterpart of _DeadlineSocket: SSLSocket.sendall writes through send."""
+
+    deadline: _Deadline
+
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+        """send, with the socket timeout set to the time left."""
+        self.settimeout(self.deadline.time_left_s())
+        return super().send(data, flags)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int | None = None,
+                  flags: int = 0) -> int:
+        """recv_into, with the socket timeout set to the time left."""
+        self.settimeout(self.deadline.time_left_s())
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _open_socket(host: str, port: int, deadline: _Deadline) -> _DeadlineSocket:
+    """A connected TCP socket to `host`, each address tried within the time left."""
+    # getaddrinfo takes no timeout and cannot be interrupted portably: a resolver slower
+    # than the sink's timeout overruns it. The deadline is checked as soon as it answers.
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _name, address in addresses:
+        sock = _DeadlineSocket(family, kind, proto)
+        sock.deadline = deadline
+        try:
+            sock.settimeout(deadline.time_left_s())
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise
+            error = exc
+        else:
+            return sock
+    raise error
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection whose connect, sends and reads all end by `deadline`."""
+
+    def __init__(self, host: str, port: int | None) -> None:
+        super().__init__(host, port)
+        self.deadline = _Deadline()
+
+    def connect(self) -> None:
+        """Resolve and connect within the time left."""
+        self.sock = _open_socket(self.host, self.port, self.deadline)
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection whose connect, handshake, sends and reads all end by `deadline`."""
+
+    def __init__(self, host: str, port: int | None, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, context=context)
+        self.deadline = _Deadline()
+        self._tls_context = context
+
+    def connect(self) -> None:
+        """Resolve, connect and shake hands within the time left."""
+        sock = _open_socket(self.host, self.port, self.deadline)
+        # The handshake is one operation to the ssl module: the timeout bounds all of it.
+        sock.settimeout(self.deadline.time_left_s())
+        try:
+            # The context makes _DeadlineTLSSocket (see DirectTransport.__init__).
+            tls = cast(_DeadlineTLSSocket,
+                       self._tls_context.wrap_socket(sock, server_hostname=self.host))
+        except BaseException:
+            sock.close()
+            raise
+        tls.deadline = self.deadline
+        self.sock = tls
+
+
 def _dropped(sock: socket.socket) -> bool:
     """An idle kept-alive socket that is readable was closed (or sent junk): not reusable."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _reason(exc: BaseException, timeout_name: str, timeout_s: float) -> str:
+    """Why a direct POST failed, for SinkError."""
+    name = _failure(exc, timeout_name)
+    if name == timeout_name:
+        return f"{name} posting to the webhook: timed out after {timeout_s:g} s"
+    return f"{name} posting to the webhook"
 
 
 def _failure(exc: BaseException, timeout_name: str) -> str:
@@ -166,10 +304,20 @@ class ProxiedTransport:
             ca_certs=_ca_bundle() if verify_tls else None)
 
     def post(self, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-        """POST through the proxy."""
+        """POST through the proxy.
+
+        urllib3 bounds the connect, and each read by what is left of `timeout_s` when it
+        starts: unlike DirectTransport, a proxy trickling its answer can outlast the timeout.
+        """
         try:
-            response = self._manager.urlopen("POST", self._url, body=body, headers=headers,
-                                             timeout=timeout_s, redirect=False, retries=False)
+            response = self._manager.urlopen(
+                "POST", self._url, body=body, headers=headers, redirect=False, retries=False,
+                timeout=urllib3.Timeout(total=timeout_s), preload_content=False)
+            try:
+                if len(response.read(MAX_RESPONSE_BYTES + 1)) > MAX_RESPONSE_BYTES:
+                    response.close()  # the rest stays unread: do not reuse the connection
+            finally:
+                response.release_conn()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise SinkError(f"{_urllib3_failure(exc)} posting to the webhook") from None
         return response.status

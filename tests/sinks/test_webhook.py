@@ -5,6 +5,11 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,8 @@ from procpoll.errors import SinkError
 from procpoll.events import parse_callback_body
 from procpoll.sinks import build_sink
 from procpoll.sinks.base import Sink
+from procpoll.sinks.transport import MAX_RESPONSE_BYTES
+from tests.conftest import serve_on_loopback
 from tests.sinks.conftest import (
     Recorder,
     config_problems,
@@ -162,7 +169,7 @@ def test_slow_receiver_times_out_retryably(recorder: Recorder) -> None:
         webhook(recorder).deliver(delivery(procedure_event(), timeout_s=0.3))
     recorder.hold.set()
     assert (info.value.reason, info.value.retryable) == \
-        ("ReadTimeout posting to the webhook", True)
+        ("ReadTimeout posting to the webhook: timed out after 0.3 s", True)
 
 
 def test_secrets_never_reach_the_log(recorder: Recorder) -> None:
@@ -199,3 +206,133 @@ def test_unreadable_secret_file_is_a_config_problem(tmp_path: Path) -> None:
     [problem] = config_problems("webhook", url="https://a.example/",
                                 secret_file=str(tmp_path / "missing"))
     assert problem.startswith("<test>: sinks[0].secret_file: cannot read: ")
+
+
+Reply = Callable[[BaseHTTPRequestHandler, threading.Event], None]
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Reply], tuple[str, list[int]]]]:
+    """A loopback receiver whose reply is a function; it yields (URL, client port per request).
+
+    The reply gets an Event set at teardown, so a trickling reply stops with the test.
+    """
+    stop = threading.Event()
+    servers = []
+
+    def start(reply: Reply) -> tuple[str, list[int]]:
+        ports: list[int] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                ports.append(self.client_address[1])
+                try:
+                    reply(self, stop)
+                except OSError:
+                    self.close_connection = True  # the client gave up
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        server = serve_on_loopback(Handler)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/vod", ports
+
+    yield start
+    stop.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+TRICKLE_S = 6.0
+TRICKLE_STEP_S = 0.2
+
+
+def trickle(data: bytes, handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+    """Send `data` one byte per step, over TRICKLE_S at most."""
+    for i in range(min(len(data), int(TRICKLE_S / TRICKLE_STEP_S))):
+        handler.wfile.write(data[i:i + 1])
+        handler.wfile.flush()
+        if stop.wait(TRICKLE_STEP_S):
+            return
+
+
+def trickled_head(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+    """The status line and headers, a byte at a time."""
+    trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", handler, stop)
+
+
+def trickled_body(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+    """The head at once, then a 30-byte body a byte at a time."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "30")
+    handler.end_headers()
+    handler.wfile.flush()
+    trickle(b"x" * 30, handler, stop)
+
+
+@pytest.mark.parametrize("reply", [trickled_head, trickled_body])
+def test_trickling_receiver_cannot_outlast_the_timeout(
+        scripted: Callable[[Reply], tuple[str, list[int]]], reply: Reply) -> None:
+    """`timeout` bounds the whole attempt: a reply trickled over 6 s fails a 1 s attempt in ~1 s."""
+    url, _ = scripted(reply)
+    sink = build_sink(sink_config("webhook", url=url))
+    started = time.monotonic()
+    with pytest.raises(SinkError) as info:
+        sink.deliver(delivery(procedure_event(), timeout_s=1.0))
+    took_s = time.monotonic() - started
+    sink.close()
+    assert took_s < 3.0
+    assert (info.value.reason, info.value.retryable) == \
+        ("ReadTimeout posting to the webhook: timed out after 1 s", True)
+
+
+BIG_BODY = b"x" * (10 * 1024 * 1024)
+
+
+def big_answer(handler: BaseHTTPRequestHandler, _stop: threading.Event) -> None:
+    """A 200 with a 10 MiB body."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(BIG_BODY)))
+    handler.end_headers()
+    handler.wfile.write(BIG_BODY)
+
+
+def test_answer_body_read_is_capped_and_the_connection_dropped(
+        scripted: Callable[[Reply], tuple[str, list[int]]]) -> None:
+    """Of a 10 MiB answer at most 64 KiB is read; the next POST uses a fresh connection."""
+    url, ports = scripted(big_answer)
+    sink = build_sink(sink_config("webhook", url=url))
+    tracemalloc.start()
+    try:
+        sink.deliver(delivery(procedure_event("t1")))
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sink.deliver(delivery(procedure_event("t2")))
+    sink.close()
+    assert peak_bytes < 16 * MAX_RESPONSE_BYTES
+    assert len(ports) == 2
+    assert ports[0] != ports[1]
+
+
+def test_small_answers_keep_the_connection(
+        scripted: Callable[[Reply], tuple[str, list[int]]]) -> None:
+    """An answer with a small body is read whole and the connection is reused."""
+    def small(handler: BaseHTTPRequestHandler, _stop: threading.Event) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "2")
+        handler.end_headers()
+        handler.wfile.write(b"ok")
+
+    url, ports = scripted(small)
+    sink = build_sink(sink_config("webhook", url=url))
+    sink.deliver(delivery(procedure_event("t1")))
+    sink.deliver(delivery(procedure_event("t2")))
+    sink.close()
+    assert len(ports) == 2
+    assert ports[0] == ports[1]
