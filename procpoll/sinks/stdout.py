@@ -3,6 +3,10 @@
 On stdout ("-") event lines share the stream with the JSON log and take the log's own
 write lock, so a line is never cut by a log line; a `path` (a FIFO, /dev/stderr, a file)
 keeps them apart.
+
+A write to `path` that times out part-way leaves a torn line in the stream. The next
+delivery finishes it first, so the reader only ever sees whole lines; once finished it
+is a whole copy of its event, which therefore counts as delivered and is not written again.
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ class StdoutSink:
         self._path = options.path
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._torn = b""
+        self._torn = b""  # the unwritten rest of the last line, when its write timed out
+        self._torn_key: str | None = None  # the event key of that line
+        # The key of a torn line that the next event's delivery finished: that event's
+        # retry is then already delivered. One slot: the retry comes soon, if at all.
+        self._finished_key: str | None = None
 
     def deliver(self, delivery: Delivery) -> None:
         """Write the event's line; return once it is handed to the stream."""
@@ -70,7 +78,8 @@ class StdoutSink:
             self._to_stdout(delivery.event)
         else:
             deadline = time.monotonic() + delivery.timeout_s
-            self._to_path(delivery.event.callback_body() + b"\n", deadline)
+            event = delivery.event
+            self._to_path(event.key, event.callback_body() + b"\n", deadline)
 
     def _to_stdout(self, event: Event) -> None:
         stream = sys.stdout
@@ -84,21 +93,28 @@ class StdoutSink:
         except (OSError, ValueError) as exc:
             raise SinkError(f"standard output: {exc}") from None
 
-    def _to_path(self, line: bytes, deadline: float) -> None:
+    def _to_path(self, key: str, line: bytes, deadline: float) -> None:
         with self._lock:
+            if key == self._finished_key:
+                self._finished_key = None
+                return  # its torn line was finished by the delivery after it
             fd = self._open()
             try:
                 if self._torn:
                     self._torn = self._write(fd, self._torn, deadline)
                     if self._torn:
                         raise SinkError(f"{self._path}: timed out finishing the last line")
+                    if self._torn_key == key:
+                        return  # this event's own line, now whole: writing it again duplicates
+                    self._finished_key = self._torn_key
                 torn = self._write(fd, line, deadline)
             except OSError as exc:
                 # EPIPE: the reader went away. The next one starts on a fresh line.
                 self._close_fd()
                 raise SinkError(f"{self._path}: {exc.strerror or exc}") from None
             if torn:
-                self._torn = torn if len(torn) < len(line) else b""
+                if len(torn) < len(line):
+                    self._torn, self._torn_key = torn, key
                 raise SinkError(f"{self._path}: timed out: the reader is not reading")
 
     def _open(self) -> int:

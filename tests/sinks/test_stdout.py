@@ -145,6 +145,66 @@ def test_stalled_reader_times_out_and_the_line_is_finished_first(tmp_path: Path)
         [big.callback_body() + b"\n", small.callback_body() + b"\n"]
 
 
+class PausedReader:
+    """A reader of the FIFO that does not read until `resume`, then reads to EOF."""
+
+    def __init__(self, fifo: Path) -> None:
+        self.received = bytearray()
+        self._stream = open_reader(fifo)
+        self._thread = threading.Thread(target=self._read_until_eof)
+
+    def resume(self) -> None:
+        """Start reading."""
+        self._thread.start()
+
+    def lines(self) -> list[bytes]:
+        """Wait for EOF (the sink closed), then the lines read."""
+        self._thread.join(10)
+        self._stream.close()
+        return self.received.splitlines(keepends=True)
+
+    def _read_until_eof(self) -> None:
+        while chunk := self._stream.read1():
+            self.received.extend(chunk)
+
+
+def test_retry_that_finishes_its_own_torn_line_does_not_write_it_again(tmp_path: Path) -> None:
+    """A timed-out event's retry completes its torn line and stops: the reader sees it once."""
+    fifo = tmp_path / "events"
+    os.mkfifo(fifo)
+    big = procedure_event("big", FileName="b" * 300_000)
+    after = procedure_event("after")
+    sink = StdoutSink("out", StdoutOptions(str(fifo)))
+    reader = PausedReader(fifo)
+    with pytest.raises(SinkError):
+        sink.deliver(delivery(big, timeout_s=0.3))
+    reader.resume()
+    sink.deliver(delivery(big, attempt=2))
+    sink.deliver(delivery(after))
+    sink.close()
+    assert reader.lines() == [big.callback_body() + b"\n", after.callback_body() + b"\n"]
+
+
+def test_torn_line_finished_by_another_event_is_not_written_again(tmp_path: Path) -> None:
+    """A line finished by the next event's delivery counts for its own event, not the next one.
+
+    The next event's line is still written; the torn event's retry writes nothing more.
+    """
+    fifo = tmp_path / "events"
+    os.mkfifo(fifo)
+    torn = procedure_event("torn", FileName="t" * 300_000)
+    other = procedure_event("other")
+    sink = StdoutSink("out", StdoutOptions(str(fifo)))
+    reader = PausedReader(fifo)
+    with pytest.raises(SinkError):
+        sink.deliver(delivery(torn, timeout_s=0.3))
+    reader.resume()
+    sink.deliver(delivery(other))
+    sink.deliver(delivery(torn, attempt=2))
+    sink.close()
+    assert reader.lines() == [torn.callback_body() + b"\n", other.callback_body() + b"\n"]
+
+
 def test_reader_gone_is_retryable_and_the_next_reader_works(tmp_path: Path) -> None:
     """When the reader closes the FIFO the delivery fails retryably; a new reader gets events."""
     fifo = tmp_path / "events"
