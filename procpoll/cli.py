@@ -12,9 +12,9 @@ from typing import Any
 
 import structlog
 
-from procpoll import __version__, logs
+from procpoll import __version__, instance_lock, logs
 from procpoll.config import Config, load_config
-from procpoll.errors import ConfigError, LedgerError
+from procpoll.errors import ConfigError, LedgerError, ProcpollError
 
 EX_OK = 0
 EX_DOCTOR_FAILED = 1
@@ -26,7 +26,16 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
+# sd-daemon priorities: journald files a stderr line that starts with "<N>" at priority N.
+PRIORITY_ERR = 3
+PRIORITY_WARNING = 4
+
 log = structlog.get_logger("procpoll.cli")
+
+
+class ConfigUnreadable(ProcpollError):
+    """The config file cannot be read (missing, a directory, no permission): exit 66
+    (EX_NOINPUT), which the systemd unit does not restart on."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,16 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
+    except ConfigUnreadable as exc:
+        to_stderr(f"procpoll: {exc}")
+        return EX_NOINPUT
     except FileNotFoundError as exc:
-        print(f"procpoll: no such file: {exc.filename}", file=sys.stderr)
+        to_stderr(f"procpoll: no such file: {exc.filename}")
         return EX_NOINPUT
     except ConfigError as exc:
         for line in exc.problems:
-            print(f"procpoll: config: {line}", file=sys.stderr)
+            to_stderr(f"procpoll: config: {line}")
         return EX_CONFIG
     except LedgerError as exc:
-        print(f"procpoll: ledger: {exc}", file=sys.stderr)
+        to_stderr(f"procpoll: ledger: {exc}")
         return EX_CANTCREAT
+    except instance_lock.InstanceLocked as exc:
+        to_stderr(f"procpoll: {exc}")
+        return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130
     except Exception:
@@ -118,36 +133,58 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
                         help="the TOML config file (see config.example.toml)")
 
 
-def _start(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def to_stderr(line: str, priority: int = PRIORITY_ERR) -> None:
+    """Write one line to stderr, tagged with its priority when stderr is the journal.
+
+    Without the tag journald files the line at "info", and `journalctl -p err` would show
+    that the unit failed but not why.
+    """
+    if logs.writes_to_journal(sys.stderr):
+        line = f"<{priority}>{line}"
+    print(line, file=sys.stderr)
+
+
+def _load(path: Path) -> Config:
+    """The validated config; an unreadable file is one line and exit 66, not a traceback."""
+    try:
+        return load_config(path)
+    except OSError as exc:
+        raise ConfigUnreadable(f"cannot read the config file {path}: "
+                               f"{exc.strerror or exc}") from None
+
+
+def _start(args: argparse.Namespace) -> tuple[Config, instance_lock.InstanceLock]:
+    config = _load(args.config)
+    # Before the daemon opens the ledger; never released: process exit drops it.
+    lock = instance_lock.acquire(config.ledger.path)
     logs.configure(config.log.level, config.log.format)
     logs.log_thread_crashes()
-    return config
+    return config, lock
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
 
-    config = _start(args)
+    config, _lock = _start(args)
     return Daemon(config, config_path=args.config).run()
 
 
 def _cmd_once(args: argparse.Namespace) -> int:
     from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
 
-    config = _start(args)
+    config, _lock = _start(args)
     return Daemon(config).once()
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from procpoll.lint import lint  # noqa: PLC0415 -- only `check` needs it
 
-    config = load_config(args.config)
+    config = _load(args.config)
     findings = lint(config)
     for finding in findings:
-        print(f"warning: {config.source}: {finding.key}: {finding.what}", file=sys.stderr)
+        to_stderr(f"warning: {config.source}: {finding.key}: {finding.what}", PRIORITY_WARNING)
     if findings and args.strict:
-        print(f"procpoll: check --strict: {len(findings)} warning(s)", file=sys.stderr)
+        to_stderr(f"procpoll: check --strict: {len(findings)} warning(s)")
         return EX_CONFIG
     print("ok")
     print(json.dumps(summary(config), indent=2, ensure_ascii=False))
@@ -157,7 +194,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from procpoll.doctor import Doctor  # noqa: PLC0415 -- imports the SDK
 
-    config = load_config(args.config)
+    config = _load(args.config)
     # Library warnings go to stderr; stdout is the checklist.
     logs.configure("warning", "console", stream=sys.stderr)
     return EX_OK if Doctor(config).run(sys.stdout) else EX_DOCTOR_FAILED

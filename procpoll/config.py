@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from procpoll.errors import ConfigError
+from procpoll.event_types import KNOWN_EVENT_TYPES, PROCEDURE_STATUSES, closest
 from procpoll.schema import Problems, Table
 from procpoll.sinks import SINK_TYPES
 from procpoll.sinks.base import SinkConfig
+from procpoll.sinks.file import FileOptions
+from procpoll.sinks.sqlite import SqliteOptions
+from procpoll.sinks.stdout import STDOUT, StdoutOptions
 
 VOD_HOLD_S = 5.0
 """PullEvents holds an idle request this long; the client timeout must exceed it."""
@@ -103,7 +107,8 @@ def default_ledger_path(environ: dict[str, str] | None = None) -> Path:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError listing every problem.
 
-    A missing file raises FileNotFoundError so the CLI can exit 66 (EX_NOINPUT).
+    A file that cannot be read (missing, a directory, no permission) raises OSError so
+    the CLI can exit 66 (EX_NOINPUT).
     """
     path = Path(path)
     data = path.read_bytes()
@@ -120,20 +125,18 @@ def parse_config(document: dict[str, Any], source: str) -> Config:
     """Validate a decoded TOML document into a Config; raise ConfigError listing every problem."""
     problems = Problems(source)
     top = Table(document, "", problems)
-    config = Config(
-        source=source,
-        vod=_vod(top.table("vod")),
-        credentials=_credentials(top.table("credentials")),
-        ledger=_ledger(top.table("ledger")),
-        daemon=_daemon(top.table("daemon")),
-        log=_log(top.table("log")),
-        dead_letter=_dead_letter(top.table("dead_letter")),
-        sinks=_sinks(top, problems),
-    )
+    vod = _vod(top.table("vod"))
+    credentials = _credentials(top.table("credentials"))
+    ledger = _ledger(top.table("ledger"))
+    daemon = _daemon(top.table("daemon"))
+    log = _log(top.table("log"))
+    dead_letter = _dead_letter(top.table("dead_letter"))
+    sinks = _sinks(top, problems, ledger, daemon)
     top.finish()
     if problems.lines:
         raise ConfigError(problems.lines)
-    return config
+    return Config(source=source, vod=vod, credentials=credentials, ledger=ledger, daemon=daemon,
+                  log=log, dead_letter=dead_letter, sinks=sinks)
 
 
 def _vod(t: Table) -> VodConfig:
@@ -226,13 +229,17 @@ def _dead_letter(t: Table) -> DeadLetterConfig:
     return DeadLetterConfig(directory=Path(directory) if directory else None)
 
 
-def _sinks(top: Table, problems: Problems) -> tuple[SinkConfig, ...]:
+def _sinks(top: Table, problems: Problems, ledger: LedgerConfig,
+           daemon: DaemonConfig) -> tuple[SinkConfig, ...]:
     raw = top.claim("sinks", [])
     if not isinstance(raw, list):
         top.bad("sinks", "expected an array of tables ([[sinks]])")
         return ()
+    if not raw:
+        top.bad("sinks", _no_sinks(daemon.unrouted))
     sinks: list[SinkConfig] = []
     names: set[str] = set()
+    writers: dict[Path, str] = {_resolved(ledger.path): "the ledger (ledger.path)"}
     for index, item in enumerate(raw):
         t = Table(item, f"sinks[{index}]", problems)
         sink = _sink(t)
@@ -241,8 +248,49 @@ def _sinks(top: Table, problems: Problems) -> tuple[SinkConfig, ...]:
         if sink.name in names:
             t.bad("name", f"duplicate sink name {sink.name!r}")
         names.add(sink.name)
+        _claim_output(t, sink, writers)
         sinks.append(sink)
     return tuple(sinks)
+
+
+def _no_sinks(unrouted: str) -> str:
+    if unrouted == "confirm":
+        fate = ("every pulled event would be confirmed to VOD undelivered "
+                '(daemon.unrouted = "confirm") and be gone')
+    else:
+        fate = "every pulled event would stay in VOD undelivered until it expires (~4 days)"
+    return f"no [[sinks]] table: {fate}; add at least one [[sinks]]"
+
+
+def _claim_output(t: Table, sink: SinkConfig, writers: dict[Path, str]) -> None:
+    """Refuse a second writer of one file: a file sink undoes a failed write by truncating
+    the file to where its line began, which can cut a line another writer appended since."""
+    path = _output_path(sink)
+    if path is None:
+        return
+    resolved = _resolved(path)
+    if resolved in writers:
+        t.bad("path", f"{path} is also written by {writers[resolved]}: two writers on one file "
+                      "corrupt each other's lines; give each sink its own path")
+        return
+    writers[resolved] = f"sink {sink.name!r} ({t.path('path')})"
+
+
+def _output_path(sink: SinkConfig) -> Path | None:
+    options = sink.options
+    if isinstance(options, FileOptions | SqliteOptions):
+        return options.path
+    if isinstance(options, StdoutOptions) and options.path != STDOUT:
+        return Path(options.path)
+    return None
+
+
+def _resolved(path: Path) -> Path:
+    """`path` made absolute with symlinks followed, so two spellings of one file compare equal."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return path.absolute()
 
 
 def _sink(t: Table) -> SinkConfig | None:
@@ -251,7 +299,11 @@ def _sink(t: Table) -> SinkConfig | None:
         t.bad("name", "expected a non-empty name")
     kind = t.text("type", "", choices=tuple(SINK_TYPES))
     events = t.texts("events", None)
+    for event_type in events or ():
+        _check_event_type(t, event_type)
     statuses = t.texts("statuses", None)
+    for status in statuses or ():
+        _check_status(t, status)
     sub_app_ids = t.integers("sub_app_ids", None, low=0)
     timeout_s = t.seconds("timeout", 5.0, low=0, low_inclusive=False, high=3600)
     retries = t.integer("retries", 3, low=0, high=100)
@@ -266,3 +318,27 @@ def _sink(t: Table) -> SinkConfig | None:
                       sub_app_ids=sub_app_ids, timeout_s=timeout_s, retries=retries,
                       backoff_s=backoff_s, backoff_max_s=backoff_max_s,
                       max_attempts=max_attempts, options=options)
+
+
+def _check_event_type(t: Table, event_type: str) -> None:
+    """A near miss of a known type is a typo that would filter out every event of that type.
+
+    A name far from every known type is allowed (VOD adds types); `check` warns about it.
+    """
+    if event_type in KNOWN_EVENT_TYPES:
+        return
+    guess = closest(event_type, KNOWN_EVENT_TYPES)
+    if guess is not None:
+        t.bad("events", f"{event_type!r} is not a VOD event type (did you mean {guess!r}?): "
+                        f"this sink would never receive {guess} events")
+
+
+def _check_status(t: Table, status: str) -> None:
+    if status in PROCEDURE_STATUSES:
+        return
+    guess = closest(status, PROCEDURE_STATUSES, cutoff=0.6)
+    hint = f" (did you mean {guess!r}?)" if guess else ""
+    known = " or ".join(map(repr, PROCEDURE_STATUSES))
+    t.bad("statuses", f"{status!r} is not a task-flow status{hint}: statuses compares the "
+                      f"Status of ProcedureStateChanged events, which is {known} "
+                      "(events of other types pass this filter)")

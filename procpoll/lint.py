@@ -1,8 +1,9 @@
 """Semantic lint of a valid config: settings that parse but misbehave against the real VOD.
 
 The schema (config.py) rejects what cannot work; this module warns about what works
-badly: sinks that cannot finish inside the confirm window, a delivery memory that
-forgets before VOD does, a ledger that a reboot wipes.
+badly: sinks that cannot finish inside the confirm window, event types no sink takes
+that would be confirmed undelivered, filter names VOD does not document, a delivery
+memory that forgets before VOD does, a ledger that a reboot wipes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from procpoll.config import DAY_S, Config
+from procpoll.event_types import DOCUMENTED_EVENT_TYPES, KNOWN_EVENT_TYPES
 from procpoll.sinks.base import SinkConfig
 
 VOD_RETENTION_S = 4 * DAY_S
@@ -30,7 +32,8 @@ class Finding:
 
 def lint(config: Config, *, mounts: str | None = None) -> list[Finding]:
     """Every warning for `config`; `mounts` is /proc/self/mounts text (read when None)."""
-    return [*_sink_budgets(config), *_ledger(config, mounts)]
+    return [*_sink_budgets(config), *_unknown_event_types(config), *_unrouted(config),
+            *_ledger(config, mounts)]
 
 
 def sink_worst_case_s(sink: SinkConfig) -> float:
@@ -75,6 +78,37 @@ def _sink_budgets(config: Config) -> Iterable[Finding]:
             f"sinks {names} can all want the same event and are called one after another: "
             f"together they may need {_s(total)} but an event has {window}; "
             "narrow their events filters or lower their timeouts")
+
+
+def _unknown_event_types(config: Config) -> Iterable[Finding]:
+    # Near misses of a known type are config errors; these are far from every known one.
+    for index, sink in enumerate(config.sinks):
+        for event_type in sink.events or ():
+            if event_type not in KNOWN_EVENT_TYPES:
+                yield Finding(
+                    f"sinks[{index}].events",
+                    f"{event_type!r} is not an event type VOD documents: if VOD added it, "
+                    "all is well; if it is a misspelling, this sink never receives the "
+                    "events meant")
+
+
+def _unrouted(config: Config) -> Iterable[Finding]:
+    if config.daemon.unrouted != "confirm":
+        return
+    admitted: set[str] = set()
+    for sink in config.sinks:
+        if sink.events is None:
+            return  # a sink without an events filter takes every type
+        admitted.update(sink.events)
+    missed = [t for t in DOCUMENTED_EVENT_TYPES if t not in admitted]
+    if missed:
+        yield Finding(
+            "daemon.unrouted",
+            f'"confirm" confirms events no sink selects without delivering them, and no '
+            f"sink's events filter admits {len(missed)} documented event "
+            f"type{'s' if len(missed) > 1 else ''}: {', '.join(missed)}; if VOD sends any "
+            "of them they are gone. Add a sink without an events filter (e.g. a file sink) "
+            "to keep them, or ignore this if the application never emits them")
 
 
 def _largest_shared_group(sinks: list[tuple[int, SinkConfig]]) -> list[tuple[int, SinkConfig]]:

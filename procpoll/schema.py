@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,10 +165,14 @@ class Table:
         return Table(self._get(key, {}), self.path(key), self.problems)
 
     def finish(self) -> None:
-        """Report every key that no getter asked for."""
+        """Report every key that no getter asked for, with the asked-for key it resembles."""
         for key in self.data:
             if key not in self._seen:
-                self.problems.add(self.path(key), "unknown key")
+                self.problems.add(self.path(key), f"unknown key{self._suggestion(key)}")
+
+    def _suggestion(self, key: str) -> str:
+        found = difflib.get_close_matches(key.casefold(), sorted(self._seen), n=1)
+        return f" (did you mean {self.path(found[0])}?)" if found else ""
 
     def _in_range(self, key: str, value: Any, low: Any, high: Any, default: Any) -> Any:
         if low is not None and value < low:

@@ -14,6 +14,9 @@ from procpoll.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
+SINK = {"name": "archive", "type": "file", "path": "events.jsonl"}
+"""The one sink a config needs to be valid (without sinks every event would be lost)."""
+
 
 def problems(document: dict[str, object]) -> list[str]:
     with pytest.raises(ConfigError) as info:
@@ -21,16 +24,21 @@ def problems(document: dict[str, object]) -> list[str]:
     return info.value.problems
 
 
+def with_sink(document: dict[str, object]) -> dict[str, object]:
+    """`document` plus the minimal sink, so only the problems under test are reported."""
+    return {**document, "sinks": [SINK]}
+
+
 def test_empty_document_gives_the_documented_defaults() -> None:
     """Every key has a default except the sinks."""
-    config = parse_config({}, "cfg.toml")
+    config = parse_config(with_sink({}), "cfg.toml")
     assert config.vod.endpoint == "vod.tencentcloudapi.com"
     assert config.vod.request_timeout_s == 10.0
     assert config.daemon.concurrency == 32
     assert config.vod.requests_per_s == 95.0
     assert config.daemon.unrouted == "confirm"
     assert config.ledger.retention_s == 7 * 86_400
-    assert config.sinks == ()
+    assert [sink.name for sink in config.sinks] == ["archive"]
 
 
 def test_example_config_passes_check() -> None:
@@ -44,15 +52,15 @@ def test_unknown_keys_are_errors_naming_the_dotted_key() -> None:
     """Typos are reported, never ignored: top level, nested and inside a sink."""
     found = problems({"vodd": {}, "vod": {"endpont": "x"},
                       "sinks": [{"name": "a", "type": "file", "path": "x", "colour": 1}]})
-    assert "cfg.toml: vodd: unknown key" in found
-    assert "cfg.toml: vod.endpont: unknown key" in found
+    assert "cfg.toml: vodd: unknown key (did you mean vod?)" in found
+    assert "cfg.toml: vod.endpont: unknown key (did you mean vod.endpoint?)" in found
     assert "cfg.toml: sinks[0].colour: unknown key" in found
 
 
 def test_wrong_types_and_ranges_are_all_reported_at_once() -> None:
     """Several problems in one file come back together, each with what was expected."""
-    found = problems({"vod": {"request_timeout": "10", "sub_app_ids": [1, "2"]},
-                      "daemon": {"concurrency": 0, "unrouted": "drop"}})
+    found = problems(with_sink({"vod": {"request_timeout": "10", "sub_app_ids": [1, "2"]},
+                                "daemon": {"concurrency": 0, "unrouted": "drop"}}))
     assert len(found) == 4
     assert any("vod.request_timeout: expected a duration" in p for p in found)
     assert any("vod.sub_app_ids: expected a list of integers" in p for p in found)
@@ -62,7 +70,7 @@ def test_wrong_types_and_ranges_are_all_reported_at_once() -> None:
 
 def test_request_timeout_must_exceed_the_long_poll_hold() -> None:
     """request_timeout <= 5 s would time out every idle pull."""
-    [found] = problems({"vod": {"request_timeout": 5}})
+    [found] = problems(with_sink({"vod": {"request_timeout": 5}}))
     assert "vod.request_timeout: must be > 5 s" in found
 
 
@@ -77,14 +85,14 @@ def test_duplicate_sink_names_and_bad_sink_types() -> None:
 
 def test_secrets_in_the_config_file_are_refused() -> None:
     """secret_key in [credentials] is an error pointing at the safe alternatives."""
-    [found] = problems({"credentials": {"secret_key": "abc"}})
+    [found] = problems(with_sink({"credentials": {"secret_key": "abc"}}))
     assert "credentials.secret_key: secrets do not belong in the config file" in found
 
 
 def test_durations_accept_integers_and_decimals() -> None:
     """Durations are seconds, as int or float."""
-    config = parse_config({"vod": {"request_timeout": 7.5}, "daemon": {"shutdown_grace": 3}},
-                          "cfg.toml")
+    config = parse_config(with_sink({"vod": {"request_timeout": 7.5},
+                                     "daemon": {"shutdown_grace": 3}}), "cfg.toml")
     assert config.vod.request_timeout_s == 7.5
     assert config.daemon.shutdown_grace_s == 3.0
 
@@ -110,9 +118,12 @@ def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+SINK_TOML = '[[sinks]]\nname = "archive"\ntype = "file"\npath = "events.jsonl"\n'
+
+
 @pytest.mark.parametrize(("content", "status"), [
-    ('[vod]\nendpoint = "vod.tencentcloudapi.com"\n', 0),
-    ('[vod]\nrequest_timeout = 3\n', 78),
+    ('[vod]\nendpoint = "vod.tencentcloudapi.com"\n' + SINK_TOML, 0),
+    ('[vod]\nrequest_timeout = 3\n' + SINK_TOML, 78),
     ("[vod\n", 78),
 ])
 def test_check_exit_status(tmp_path: Path, content: str, status: int,

@@ -21,7 +21,8 @@ def test_unexpected_exception_exits_70_with_one_log_line(
 
     monkeypatch.setattr(lint, "lint", broken)
     path = tmp_path / "procpoll.toml"
-    path.write_text(f'[ledger]\npath = "{tmp_path / "l.sqlite3"}"\n', encoding="utf-8")
+    path.write_text(f'[ledger]\npath = "{tmp_path / "l.sqlite3"}"\n[[sinks]]\nname = "a"\n'
+                    f'type = "file"\npath = "{tmp_path / "a.jsonl"}"\n', encoding="utf-8")
     assert cli.main(["check", "-c", str(path)]) == cli.EX_SOFTWARE
     crashed = [line for line in log_lines() if line["event"] == "procpoll.crashed"]
     assert len(crashed) == 1
