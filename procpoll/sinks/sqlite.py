@@ -4,6 +4,8 @@
 back to PROCESSING when events arrive out of order; `procedure_outputs` holds one row
 per media-processing sub-task of the stored state; `events` holds every other event.
 The file is in WAL mode, so readers never block the daemon and always see whole commits.
+Valid JSON never fails a delivery: an integer beyond SQLite's 64 bits is bound as its
+decimal text (SQLite keeps it as REAL in an INTEGER column); the stored JSON is exact.
 """
 
 from __future__ import annotations
@@ -142,20 +144,35 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_SQL_INT_MIN = -(2**63)
+_SQL_INT_MAX = 2**63 - 1
+
+
+def bindable(row: dict[str, object]) -> dict[str, object]:
+    """`row`, changed in place: integers sqlite3 cannot bind (beyond 64 bits) become text.
+
+    JSON integers have no bound, and sqlite3 raises OverflowError on such an int.
+    """
+    for column, value in row.items():
+        if isinstance(value, int) and not _SQL_INT_MIN <= value <= _SQL_INT_MAX:
+            row[column] = str(value)
+    return row
+
+
 def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def task_row(task: ProcedureTask, event: Event, sub_app_id: int | None) -> dict[str, object]:
     """The procedure_tasks columns of one ProcedureStateChanged event (without times)."""
-    return {
+    return bindable({
         "task_id": task.task_id, "file_id": task.file_id, "file_name": task.file_name,
         "file_url": task.file_url, "status": task.status, "err_code": task.err_code,
         "message": task.message, "sub_app_id": sub_app_id or 0,
         "session_context": task.session_context, "session_id": task.session_id,
         "all_succeeded": int(task.all_succeeded), "cover_url": task.cover_url,
         "event_key": event.key, "event": event.callback_body().decode(),
-    }
+    })
 
 
 def output_rows(task_id: str,
@@ -175,7 +192,7 @@ def output_rows(task_id: str,
                 row["output"] = _json(sub.output.raw)
                 if row["definition"] is None:
                     row["definition"] = getattr(sub.output, "definition", None)
-        yield row
+        yield bindable(row)
 
 
 def _output_columns(out: object) -> dict[str, object]:

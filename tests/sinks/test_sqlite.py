@@ -130,6 +130,31 @@ def test_failed_subtask_clears_all_succeeded(db_path: Path) -> None:
         {"status": "FAIL", "err_code": 30010, "message": "source broken", "url": None}]
 
 
+HUGE = 2**70  # beyond SQLite's signed 64-bit integers
+
+
+def test_integers_beyond_64_bits_are_stored_not_crashed_on(db_path: Path) -> None:
+    """Numbers beyond 64 bits are delivered: JSON keeps them exact, typed columns keep a value.
+
+    sqlite3 cannot bind such an int; it is bound as its decimal text, which SQLite keeps as
+    text in a TEXT column and turns into REAL in an INTEGER one (as it does such a literal).
+    """
+    raw = json.loads(procedure_event("huge", ErrCode=HUGE, FileId=HUGE).callback_body())
+    item = raw["ProcedureStateChangeEvent"]["MediaProcessResultSet"][0]["TranscodeTask"]
+    item.update(ErrCode=HUGE)
+    item["Input"].update(Definition=HUGE)
+    item["Output"].update(Size=HUGE, Duration=HUGE, Definition=HUGE, Width=HUGE, Bitrate=HUGE)
+    make_sink(db_path).deliver(delivery(parse_callback_body(raw)))
+    row = task(db_path, "huge")
+    assert (row["file_id"], row["err_code"]) == (str(HUGE), float(HUGE))
+    assert json.loads(row["event"]) == raw
+    [output] = rows(db_path, "SELECT err_code, definition, size, duration, width, bitrate, output"
+                             " FROM procedure_outputs WHERE type = 'Transcode'")
+    assert json.loads(output.pop("output"))["Size"] == HUGE
+    assert output == dict.fromkeys(
+        ("err_code", "definition", "size", "duration", "width", "bitrate"), float(HUGE))
+
+
 def test_processing_after_finish_does_not_regress(db_path: Path) -> None:
     """A PROCESSING event arriving after the FINISH leaves the FINISH row and its outputs."""
     clock = Clock()
