@@ -175,6 +175,8 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """Plain totals since start, for the log and status line.
 
+        A tracking callback that fails reads as None (in flight) or NaN (oldest).
+
         `last_pull_age_s` is the age of the stalest sub-application's last answered pull
         (None before any answer): the one an operator must look at.
         """
@@ -182,11 +184,12 @@ class Metrics:
         for labels, value in _totals(self._deliveries):
             outcomes[labels["outcome"]] = outcomes.get(labels["outcome"], 0) + int(value)
         pulls = [value for _, value in _samples(self._last_pull, "")]
+        in_flight = _guarded(self._in_flight)
         return {
             "pulled": int(sum(v for _, v in _totals(self._pulled))),
             "confirmed": int(sum(v for _, v in _totals(self._confirmed))),
             **outcomes,
-            "in_flight": int(_guarded(self._in_flight)),
+            "in_flight": int(in_flight) if math.isfinite(in_flight) else None,
             "oldest_unconfirmed_s": _guarded(self._oldest_unconfirmed_s),
             "last_pull_age_s": max(0.0, self._now() - min(pulls)) if pulls else None,
             "expired": int(sum(v for _, v in _totals(self._expired))),
@@ -195,7 +198,8 @@ class Metrics:
     def summary_line(self) -> str:
         """One line for sd_notify STATUS= and the shutdown log."""
         s = self.snapshot()
-        return (f"pulled {s['pulled']}, confirmed {s['confirmed']}, in flight {s['in_flight']}, "
+        in_flight = "?" if s["in_flight"] is None else s["in_flight"]
+        return (f"pulled {s['pulled']}, confirmed {s['confirmed']}, in flight {in_flight}, "
                 f"oldest {s['oldest_unconfirmed_s']:.1f} s, failed {s['failed']}, "
                 f"dead {s['dead']}")
 
@@ -213,7 +217,8 @@ class Metrics:
         server = server_class((host, port), MetricsHandler.factory(self.registry))
         self._server = server
         self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+        # close() waits up to one poll interval; ten idle wake-ups a second cost ~0.02 % CPU.
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="metrics-endpoint", daemon=True)
         self._thread.start()
 
