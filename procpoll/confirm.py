@@ -3,6 +3,8 @@
 A handle is sent as soon as its event completes; handles that complete while a call
 is in flight ride in the next one. Transient failures are retried while the handle
 is alive; a refused handle is dropped (VOD redelivers it, the ledger absorbs it).
+Accepted handles are reported to `on_confirmed`, which records them in the ledger:
+a notification whose confirmation is recorded and that comes back is a new one.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import structlog
 
 from procpoll.dispatch import Receipt
 from procpoll.errors import ApiError, ExpiredHandleError, PermanentApiError
+from procpoll.heartbeat import Heartbeat
 from procpoll.vod import MAX_HANDLES_PER_CONFIRM, Pacer, VodApi
 
 log = structlog.get_logger("procpoll.confirm")
@@ -34,12 +39,15 @@ class Confirmer:
 
     def __init__(self, client_factory: Callable[[], VodApi], sub_app_ids: list[int | None], *,
                  threads_per_app: int = 4, clock: Callable[[], float] = time.monotonic,
-                 on_progress: Callable[[], None] = lambda: None,
-                 pacer: Pacer | None = None) -> None:
+                 on_confirmed: Callable[[list[Receipt]], None] = lambda _receipts: None,
+                 pacer: Pacer | None = None, heartbeat: Heartbeat | None = None,
+                 call_limit_s: float = 30.0) -> None:
         self._factory = client_factory
         self._pacer = pacer
+        self._on_confirmed = on_confirmed
+        self._heartbeat = heartbeat
+        self._call_limit_s = call_limit_s
         self._clock = clock
-        self._on_progress = on_progress
         self._cv = threading.Condition()
         self._queues: dict[int | None, deque[Receipt]] = {app: deque() for app in sub_app_ids}
         self._busy = 0
@@ -114,6 +122,7 @@ class Confirmer:
                 return
             if not batch:
                 continue
+            retry: list[Receipt] = []
             try:
                 retry = self._send(api, app, batch)
             except Exception:  # a bug must not silently end confirming for this sub-app
@@ -121,34 +130,36 @@ class Confirmer:
                 retry = [r for r in batch if r.deadline > self._clock()]
             finally:
                 with self._cv:
+                    # Put back before the call stops counting as busy: drain() must not
+                    # see an empty queue and no call in flight while these are in hand.
+                    self._queues[app].extendleft(reversed(retry))
                     self._busy -= 1
                     self._sending[app] -= 1
                     self._cv.notify_all()
             if retry:
                 failures += 1
                 with self._cv:
-                    self._queues[app].extendleft(reversed(retry))
                     self._cv.wait(min(2.0, 0.05 * 2 ** min(failures, 6)))
             else:
                 failures = 0
 
+    def _call(self, api: VodApi, app: int | None, batch: list[Receipt]) -> None:
+        busy: Any = nullcontext() if self._heartbeat is None else \
+            self._heartbeat.busy("ConfirmEvents", self._call_limit_s)
+        with busy:
+            api.confirm(app, [r.handle for r in batch])
+
     def _send(self, api: VodApi, app: int | None, batch: list[Receipt]) -> list[Receipt]:
         """Confirm a batch; return the receipts to try again."""
         try:
-            api.confirm(app, [r.handle for r in batch])
+            self._call(api, app, batch)
         except ExpiredHandleError as exc:
-            self._on_progress()
             if len(batch) == 1:
-                self.expired += 1
-                log.warning("events.confirm_refused", sub_app_id=app, code=exc.code,
-                            reason="handle expired; VOD will redeliver and the ledger absorbs it")
+                self._expired(app, exc.code)
                 return []
-            # Which handle was refused is not said: confirm the rest one by one.
-            for receipt in batch:
-                self._send(api, app, [receipt])
-            return []
+            # Which handle was refused is not said: confirm them one by one.
+            return self._send_singly(api, app, batch)
         except PermanentApiError as exc:
-            self._on_progress()
             log.error("events.confirm_failed", sub_app_id=app, code=exc.code, error=exc.message,
                       handles=len(batch))
             return []
@@ -156,8 +167,50 @@ class Confirmer:
             log.warning("events.confirm_retry", sub_app_id=app, code=exc.code, handles=len(batch))
             now = self._clock()
             return [r for r in batch if r.deadline > now]
-        self._on_progress()
+        self._accepted(app, batch)
+        return []
+
+    def _send_singly(self, api: VodApi, app: int | None, batch: list[Receipt]) -> list[Receipt]:
+        """After a refused batch: each handle alone, paced like any call; returns survivors
+        of transient failures, to be retried like any other."""
+        retry: list[Receipt] = []
+        for receipt in batch:
+            if self._pacer is not None:
+                self._pacer.wait()
+            try:
+                self._call(api, app, [receipt])
+            except ExpiredHandleError as exc:
+                # Still live by our clock (it was sent inside its window): VOD may have
+                # accepted it in the refused batch (some accept the valid handles of a batch)
+                # and now refuses it as used. Recording it as confirmed errs toward one
+                # duplicate if it comes back, never toward skipping a new notification.
+                if receipt.deadline > self._clock():
+                    self._accepted(app, [receipt], assumed=True)
+                else:
+                    self._expired(app, exc.code)
+            except PermanentApiError as exc:
+                log.error("events.confirm_failed", sub_app_id=app, code=exc.code,
+                          error=exc.message, handles=1)
+            except ApiError as exc:
+                log.warning("events.confirm_retry", sub_app_id=app, code=exc.code, handles=1)
+                if receipt.deadline > self._clock():
+                    retry.append(receipt)
+            else:
+                self._accepted(app, [receipt])
+        return retry
+
+    def _expired(self, app: int | None, code: str) -> None:
+        with self._cv:
+            self.expired += 1
+        log.warning("events.confirm_refused", sub_app_id=app, code=code,
+                    reason="handle expired; VOD will redeliver and the ledger absorbs it")
+
+    def _accepted(self, app: int | None, batch: list[Receipt], *, assumed: bool = False) -> None:
         with self._cv:
             self.confirmed += len(batch)
-        log.info("events.confirmed", sub_app_id=app, count=len(batch))
-        return []
+        if assumed:
+            log.info("events.confirmed", sub_app_id=app, count=len(batch),
+                     note="refused alone after a refused batch: taken as accepted by it")
+        else:
+            log.info("events.confirmed", sub_app_id=app, count=len(batch))
+        self._on_confirmed(batch)

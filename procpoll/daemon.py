@@ -2,15 +2,20 @@
 
 Threads: `pullers` pull loops per sub-app, the dispatcher's workers, the confirmer's
 threads, and the main thread, which only waits, feeds the watchdog and handles
-reload and stop. Signal handlers only set flags.
+reload and stop. Signal handlers only set plain attributes; the signal's byte on
+the wakeup socket (signal.set_wakeup_fd) ends the main loop's wait.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import random
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,10 +38,11 @@ from procpoll import logs
 from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
-from procpoll.dispatch import PULL_BATCH_MAX, Dispatcher, Policy, Receipt, Route
-from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError
+from procpoll.dispatch import PULL_BATCH_MAX, Dispatcher, Policy, Receipt, Route, close_sinks
+from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError, LedgerError
 from procpoll.events import parse_event
-from procpoll.ledger import Ledger
+from procpoll.heartbeat import Heartbeat
+from procpoll.ledger import Confirmation, Ledger
 from procpoll.sinks import build_sink
 from procpoll.systemd import Notifier, watchdog_interval_s
 from procpoll.vod import CredentialChain, Pacer, Secrets, TencentVod, VodApi
@@ -51,8 +57,8 @@ ONCE_PULL_ATTEMPTS = 3
 AUTH_BACKOFF_S = 60.0
 PULL_BACKOFF_MAX_S = 30.0
 PRUNE_EVERY_S = 3600.0
+PRUNE_RETRY_S = 300.0
 CREDENTIALS_CHECK_S = 1.0
-_NO_ANSWER_CODES = {"ClientNetworkError", "ServerNetworkError", "InvalidResponse"}
 
 
 class _Stopped(Exception):
@@ -72,10 +78,14 @@ class Daemon:
         self._notifier = notifier or Notifier.from_env(environ)
         self._clock = clock
         self.stop_event = threading.Event()
-        self._wake = threading.Event()
+        # Set by signal handlers and stop(): plain attributes, no lock (see the module doc).
+        self._stop_requested = False
         self._reload_requested = False
         self._signals = 0
-        self._last_answer = clock()
+        # The main loop's wakeup socket pair, opened by run().
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.heartbeat = Heartbeat(clock)
         self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
         self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s)
         self._config_path = config_path
@@ -84,19 +94,25 @@ class Daemon:
         self._pull_pacer = Pacer(config.vod.requests_per_s, sleep=self.stop_event.wait)
         self._pull_gate = _PullGate()
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
-                                   on_progress=self._answered,
-                                   pacer=Pacer(config.vod.requests_per_s))
+                                   on_confirmed=self._record_confirmed,
+                                   pacer=Pacer(config.vod.requests_per_s),
+                                   heartbeat=self.heartbeat,
+                                   call_limit_s=self._api_call_limit_s(config))
         self.dispatcher = Dispatcher(
             [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
             lambda receipt, _event: self.confirmer.submit(receipt),
             policy=self._policy(config), dead_letter=self._dead_letter(config),
-            stop=self.stop_event, clock=clock)
+            stop=self.stop_event, clock=clock, heartbeat=self.heartbeat)
+        self.ledger_failures = 0
         self._pullers: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def run(self) -> int:
         """Pull, deliver and confirm until SIGTERM/SIGINT; returns the exit status."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._install_signals()
         self._announce()
         self.dispatcher.start()
@@ -132,27 +148,60 @@ class Daemon:
         except ApiError as exc:
             log.error("api.unavailable", code=exc.code, error=exc.message)
             status = EX_UNAVAILABLE
-        self.dispatcher.wait_idle(self.config.vod.confirm_window_s * 4)
-        self.confirmer.drain(self.config.vod.confirm_window_s)
+        idle = self.dispatcher.wait_idle(self.config.vod.confirm_window_s * 4)
+        drained = self.confirmer.drain(self.config.vod.confirm_window_s)
         self.stop_event.set()
         self.dispatcher.close()
         self._close()
-        log.info("daemon.once_done", **self.dispatcher.counters, confirmed=self.confirmer.confirmed)
-        if status == EX_OK and self.dispatcher.counters["failed"]:
+        counters = self.dispatcher.counters
+        log.info("daemon.once_done", **counters, confirmed=self.confirmer.confirmed,
+                 confirm_expired=self.confirmer.expired, ledger_failures=self.ledger_failures,
+                 finished=idle, drained=drained)
+        # 0 only when every pulled event is in VOD's hands as confirmed: anything left
+        # undelivered, unrecorded or unconfirmed comes back later, which is 75.
+        incomplete = (counters["failed"] or counters["deferred"] or self.confirmer.expired
+                      or self.ledger_failures or not idle or not drained)
+        if status == EX_OK and incomplete:
             status = EX_TEMPFAIL
         return status
 
     def stop(self) -> None:
-        """Ask the daemon to stop (what SIGTERM does)."""
-        self.stop_event.set()
-        self._wake.set()
+        """Ask the daemon to stop (what SIGTERM does); safe from any thread."""
+        self._stop_requested = True
+        self._wake_main()
+
+    def _wake_main(self) -> None:
+        wake = self._wake_w
+        if wake is not None:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+                wake.send(b"\0")
 
     @staticmethod
     def _policy(config: Config) -> Policy:
         return Policy(concurrency=config.daemon.concurrency,
                       max_in_flight=config.daemon.max_in_flight, unrouted=config.daemon.unrouted,
                       max_age_s=config.daemon.max_age_s,
-                      confirm_margin_s=config.daemon.confirm_margin_s)
+                      confirm_margin_s=config.daemon.confirm_margin_s,
+                      unresolved_hold_s=2 * config.vod.confirm_window_s)
+
+    @staticmethod
+    def _api_call_limit_s(config: Config) -> float:
+        """A pull or confirm call still running after this is hung (the SDK has its timeout)."""
+        return 2 * config.vod.request_timeout_s + 5.0
+
+    def _record_confirmed(self, receipts: list[Receipt]) -> None:
+        """ConfirmEvents accepted these: remember it, so an identical later body is new."""
+        done = [Confirmation(r.event_key, r.occurrence) for r in receipts
+                if r.event_key is not None]
+        if not done:
+            return
+        try:
+            self.ledger.record_confirmed(done)
+        except LedgerError as exc:
+            self.ledger_failures += 1
+            log.error("ledger.write_failed", error=str(exc), confirmations=len(done),
+                      consequence="an identical notification arriving later may be taken "
+                                  "for a redelivery of these")
 
     @staticmethod
     def _dead_letter(config: Config) -> DeadLetter | None:
@@ -165,24 +214,58 @@ class Daemon:
                  endpoint=self.config.vod.endpoint, sub_app_ids=[a or 0 for a in self.apps],
                  sinks=[r.config.name for r in self.dispatcher.routes],
                  ledger=str(self.config.ledger.path))
-        removed = self.ledger.prune()
+        self._prune()
+
+    def _prune(self) -> bool:
+        """Forget old ledger rows; a failure (a full disk) is logged, never fatal."""
+        try:
+            removed = self.ledger.prune()
+        except LedgerError as exc:
+            log.error("ledger.prune_failed", error=str(exc), retry_in_s=PRUNE_RETRY_S)
+            return False
         if removed:
             log.info("ledger.pruned", rows=removed)
+        return True
 
     def _main_loop(self) -> None:
         interval = watchdog_interval_s()
         next_prune = self._clock() + PRUNE_EVERY_S
-        while not self.stop_event.is_set():
-            self._wake.wait(min(interval or 5.0, 5.0))
-            self._wake.clear()
+        stuck_logged = False
+        while True:
+            self._wait_for_wake(min(interval or 5.0, 5.0))
+            if self._stop_requested:
+                self.stop_event.set()
+                return
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
-            if interval is not None and self._clock() - self._last_answer < interval * 2:
-                self._notifier.watchdog()
+            if interval is not None:
+                # Fed while no loop overruns its bound, VOD answering or not: a restart
+                # cannot end an API outage, but it does end a hang.
+                overdue = self.heartbeat.overdue()
+                if not overdue:
+                    self._notifier.watchdog()
+                    stuck_logged = False
+                elif not stuck_logged:
+                    stuck_logged = True
+                    log.error("daemon.stuck", threads=overdue,
+                              action="not feeding the watchdog: systemd will restart procpoll")
             if self._clock() >= next_prune:
-                next_prune = self._clock() + PRUNE_EVERY_S
-                self.ledger.prune()
+                ok = self._prune()
+                next_prune = self._clock() + (PRUNE_EVERY_S if ok else PRUNE_RETRY_S)
+
+    def _wait_for_wake(self, timeout_s: float) -> None:
+        """Sleep until a signal, stop() or the timeout; then empty the wakeup socket."""
+        wake = self._wake_r
+        if wake is None:  # not started by run()
+            time.sleep(timeout_s)
+            return
+        select.select([wake], [], [], timeout_s)
+        try:
+            while wake.recv(256):
+                pass
+        except OSError:  # BlockingIOError: nothing more to read
+            pass
 
     def reload(self) -> None:
         """SIGHUP: re-read credentials and the config file; swap in what can change live.
@@ -200,19 +283,22 @@ class Daemon:
             log.error("config.reload_failed", error=str(exc), action="kept the running config")
             self._notifier.ready(status="pulling (reload failed)")
             return
-        old = self.config
+        running = self.config
+        # Restart-only settings keep their running values; the report compares with those,
+        # not with the last file read, so a second reload still names what waits.
         restart = [name for name in ("vod", "credentials", "ledger") if
-                   getattr(new, name) != getattr(old, name)]
-        if (new.daemon.concurrency, new.daemon.pullers, new.daemon.max_in_flight) != (
-                old.daemon.concurrency, old.daemon.pullers, old.daemon.max_in_flight):
-            restart.append("daemon.concurrency/pullers/max_in_flight")
-        retired = self.dispatcher.reconfigure(routes, self._policy(new), self._dead_letter(new))
-        # Deliveries already running keep their sink; close the old ones after they finish.
-        longest = max((r.config.timeout_s for r in retired), default=0.0)
-        closer = threading.Timer(longest + 1.0, _close_sinks, args=(retired,))
-        closer.daemon = True
-        closer.start()
-        self.config = new
+                   getattr(new, name) != getattr(running, name)]
+        pools = ("concurrency", "pullers", "max_in_flight")
+        restart += [f"daemon.{name}" for name in pools
+                    if getattr(new.daemon, name) != getattr(running.daemon, name)]
+        applied = dataclasses.replace(
+            new, vod=running.vod, credentials=running.credentials, ledger=running.ledger,
+            daemon=dataclasses.replace(new.daemon, **{name: getattr(running.daemon, name)
+                                                      for name in pools}))
+        # Deliveries already running keep their sinks and settings; the old sinks close
+        # when the last of them ends.
+        self.dispatcher.reconfigure(routes, self._policy(applied), self._dead_letter(applied))
+        old, self.config = running, applied
         if new.log != old.log:
             logs.configure(new.log.level, new.log.format)
         log.info("config.reloaded", credentials=source, sinks=[r.config.name for r in routes],
@@ -229,34 +315,39 @@ class Daemon:
         self.confirmer.drain(max(0.5, deadline - time.monotonic()))
         self._close()
         log.info("daemon.stopped", abandoned=0 if finished else self.dispatcher.in_flight,
-                 confirmed=self.confirmer.confirmed, **self.dispatcher.counters)
+                 confirmed=self.confirmer.confirmed, confirm_expired=self.confirmer.expired,
+                 **self.dispatcher.counters)
         return EX_OK
 
     def _close(self) -> None:
-        _close_sinks(self.dispatcher.routes)
+        close_sinks(self.dispatcher.routes)
         self.ledger.close()
+        if threading.current_thread() is threading.main_thread() and self._wake_w is not None:
+            signal.set_wakeup_fd(-1)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        # The C-level handler writes the signal number here: the main loop's select wakes.
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_reload_signal)
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Plain attributes only: a lock here could be the one the interrupted code holds.
         self._signals += 1
         if self._signals > 1:
             os._exit(128 + signum)
-        self.stop()
+        self._stop_requested = True
 
     def _on_reload_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self._reload_requested = True
-        self._wake.set()
 
     # --- pulling -------------------------------------------------------------------------
-
-    def _answered(self) -> None:
-        self._last_answer = self._clock()
 
     def _pull_loop(self, app: int | None) -> None:
         api = self._factory()
@@ -305,13 +396,8 @@ class Daemon:
                 if self.stop_event.is_set():
                     raise _Stopped
                 sent_at = self._clock()
-                try:
+                with self.heartbeat.busy("PullEvents", self._api_call_limit_s(self.config)):
                     items = api.pull(app)
-                except ApiError as exc:
-                    if exc.code not in _NO_ANSWER_CODES:
-                        self._answered()
-                    raise
-                self._answered()
                 return sent_at, items
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
@@ -335,6 +421,11 @@ class Daemon:
 
     def _accept(self, app: int | None, sent_at: float, items: list[Any]) -> None:
         deadline = sent_at + self.config.vod.confirm_window_s
+        if len(items) > PULL_BATCH_MAX:
+            # More than the API's limit: the room reserved for this pull (max_in_flight)
+            # holds 16. The rest stay unconfirmed and come back in later pulls.
+            log.warning("pull.oversized", sub_app_id=app, count=len(items), kept=PULL_BATCH_MAX)
+            items = items[:PULL_BATCH_MAX]
         if items:
             log.debug("events.pulled", sub_app_id=app, count=len(items))
         for item in items:
@@ -398,14 +489,6 @@ class _PullGate:
             self._in_flight[app] -= 1
             self._backlog[app] = full
             self._cv.notify_all()
-
-
-def _close_sinks(routes: list[Route]) -> None:
-    for route in routes:
-        try:
-            route.sink.close()
-        except Exception:  # closing one sink must not stop the others
-            log.exception("sink.close_failed", sink=route.config.name)
 
 
 def _pull_wait(state: RetryCallState) -> float:

@@ -19,11 +19,17 @@ class DeadLetter:
         self.directory = directory
 
     def write(self, event: Event, sub_app_id: int | None, *, sink: str, reason: str,
-              rounds: int) -> Path:
-        """Set a delivered-nowhere event aside; raises OSError when the disk refuses."""
+              rounds: int, delivery_id: str | None = None) -> Path:
+        """Set a delivered-nowhere event aside; raises OSError when the disk refuses.
+
+        `delivery_id` names the occurrence (see ledger.delivery_id) so that a second
+        notification with an identical body gets its own file.
+        """
+        name = delivery_id or event.key
         record = {"reason": reason, "sink": sink, "rounds": rounds, "sub_app_id": sub_app_id,
-                  "event_key": event.key, "event_type": event.event_type, "event": event.raw}
-        return self._store(f"{event.key}.{_safe(sink)}", record)
+                  "event_key": event.key, "delivery_id": name, "event_type": event.event_type,
+                  "event": event.raw}
+        return self._store(f"{_safe(name)}.{_safe(sink)}", record)
 
     def write_unparsed(self, item: Any, sub_app_id: int | None, *, reason: str, key: str) -> Path:
         """Set aside a pulled item that could not be parsed, as received."""
@@ -57,4 +63,4 @@ class DeadLetter:
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
+    return "".join(c if c.isalnum() or c in "-_~" else "_" for c in name)[:64]

@@ -2,27 +2,39 @@
 
 Each pulled event becomes one `Work` item. Work items of one task (same ordering
 key) run one at a time in arrival order; different tasks run on up to
-`concurrency` worker threads. When an event comes back with a new handle while its
-work is queued or running, the handle is attached to that work instead of starting
-a second delivery; the newest live handle is confirmed when the work completes.
+`concurrency` worker threads. A task's event whose delivery failed stays
+*unresolved* until a later round delivers it or sets it aside: meanwhile the
+task's other events are not delivered (they stay unconfirmed and come back), so
+a receiver never sees FINISH before PROCESSING.
+
+VOD holds at most one live handle per notification. So a handle whose key matches
+work in memory whose handles have all expired is a redelivery, attached to that
+work (no second concurrent delivery; the newest live handle is confirmed when it
+completes); one that arrives while the earlier handle is still live is a second
+notification with an identical body, delivered after the first as the next
+occurrence (see ledger.delivery_id).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from procpoll.deadletter import DeadLetter
 from procpoll.errors import LedgerError, SinkError
 from procpoll.events import Event
-from procpoll.ledger import Ledger, Outcome, SinkState
+from procpoll.heartbeat import Heartbeat
+from procpoll.ledger import Ledger, Outcome, SinkState, delivery_id
 from procpoll.sinks.base import Delivery, Sink, SinkConfig
 
 log = structlog.get_logger("procpoll.dispatch")
@@ -31,15 +43,24 @@ PULL_BATCH_MAX = 16
 """PullEvents returns at most this many events: the room a pull needs."""
 UNROUTED_TYPES_REMEMBERED = 256
 UNROUTED_TYPE_CHARS = 128
+LEDGER_CALL_LIMIT_S = 30.0
+"""A ledger read or commit taking longer than this is a hang, for the watchdog."""
+_UNRESOLVED_PURGE_AT = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """One delivery of an event by VOD: its handle and the moment it stops being confirmable."""
+    """One delivery of an event by VOD: its handle and the moment it stops being confirmable.
+
+    Once the event is complete, `event_key` and `occurrence` say which notification the
+    handle confirms, so the ledger can record that ConfirmEvents accepted it.
+    """
 
     handle: str
     sub_app_id: int | None
     deadline: float
+    event_key: str | None = None
+    occurrence: int = 0
 
 
 @dataclass(slots=True)
@@ -49,10 +70,16 @@ class Work:
     event: Event
     sub_app_id: int | None
     receipts: list[Receipt] = field(default_factory=list)
+    after: Work | None = None  # an earlier notification with an identical body, in memory
+    occurrence: int | None = None  # which occurrence of the key this is, once looked up
 
     def latest_deadline(self) -> float:
         """The deadline of the newest handle."""
         return max(r.deadline for r in self.receipts)
+
+    def live(self, now: float) -> bool:
+        """Whether one of its handles can still be confirmed."""
+        return any(r.deadline > now for r in self.receipts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +92,27 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Dispatch settings taken from [daemon]."""
+    """Dispatch settings taken from [daemon] (and the confirm window)."""
 
     concurrency: int = 16
     max_in_flight: int = 256
     unrouted: str = "confirm"
     max_age_s: float = 2 * 86_400.0
     confirm_margin_s: float = 2.0
+    # How long a failed event blocks its task's later events without coming back: VOD
+    # redelivers it one confirm window after its pull, so two windows is generous.
+    unresolved_hold_s: float = 60.0
+
+
+@dataclass(slots=True)
+class _Generation:
+    """The sinks and settings of one (re)load; its sinks close after their last delivery."""
+
+    routes: list[Route]
+    policy: Policy
+    dead_letter: DeadLetter | None
+    users: int = 0
+    retired: bool = False
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -93,38 +134,66 @@ class Dispatcher:
         dead_letter: DeadLetter | None,
         stop: threading.Event,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        heartbeat: Heartbeat | None = None,
+        on_delivery: Callable[[str, str, float | None], None] | None = None,
     ) -> None:
-        self.routes = list(routes)
+        self._gen = _Generation(list(routes), policy, dead_letter)
         self._ledger = ledger
         self._confirm = confirm
-        self._policy = policy
-        self.dead_letter = dead_letter
         self._stop = stop
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._heartbeat = heartbeat
+        self._on_delivery = on_delivery or (lambda _sink, _outcome, _s: None)
         self._lock = threading.Condition()
-        self._by_key: dict[tuple[int | None, str], Work] = {}
+        self._by_key: dict[tuple[int | None, str], list[Work]] = {}
+        self._held = 0  # work items in memory
         self._lanes: dict[str, deque[Work]] = {}
         self._ready: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._unresolved: dict[str, dict[str, float]] = {}  # ordering key -> event key -> until
         self._failure_streak = 0
         self._unrouted_seen: set[str] = set()
         self._reserved = 0  # room held for pulls in progress (PULL_BATCH_MAX each)
         self._threads: list[threading.Thread] = []
         self.counters = {"delivered": 0, "failed": 0, "duplicates": 0, "dead": 0,
-                         "unrouted": 0, "reattached": 0}
+                         "already_dead": 0, "deferred": 0, "unrouted": 0, "reattached": 0}
+
+    @property
+    def routes(self) -> list[Route]:
+        """The sinks in force."""
+        return self._gen.routes
+
+    @property
+    def dead_letter(self) -> DeadLetter | None:
+        """The dead-letter directory in force."""
+        return self._gen.dead_letter
+
+    @property
+    def policy(self) -> Policy:
+        """The dispatch settings in force."""
+        return self._gen.policy
 
     def reconfigure(self, routes: Sequence[Route], policy: Policy,
-                    dead_letter: DeadLetter | None) -> list[Route]:
-        """Swap sinks and policies (pool sizes stay); returns the routes replaced."""
+                    dead_letter: DeadLetter | None) -> None:
+        """Swap sinks and policies (pool sizes stay).
+
+        Deliveries already running finish on the sinks and settings they started with;
+        the old sinks are closed when the last of them ends, not on a timer.
+        """
         with self._lock:
-            old, self.routes = self.routes, list(routes)
-            self._policy = Policy(self._policy.concurrency, self._policy.max_in_flight,
-                                  policy.unrouted, policy.max_age_s, policy.confirm_margin_s)
-            self.dead_letter = dead_letter
-        return old
+            old = self._gen
+            kept = dataclasses.replace(policy, concurrency=old.policy.concurrency,
+                                       max_in_flight=old.policy.max_in_flight)
+            self._gen = _Generation(list(routes), kept, dead_letter)
+            old.retired = True
+            idle = old.users == 0
+        if idle:
+            close_sinks(old.routes)
 
     def start(self) -> None:
         """Start the worker threads."""
-        for n in range(self._policy.concurrency):
+        for n in range(self._gen.policy.concurrency):
             thread = threading.Thread(target=self._worker, name=f"dispatch-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -133,15 +202,25 @@ class Dispatcher:
         """Queue an event, or attach the receipt to the work already carrying it."""
         with self._lock:
             key = (receipt.sub_app_id, event.key)
-            work = self._by_key.get(key)
-            if work is not None:
-                work.receipts.append(receipt)
-                self._count("reattached")
-                log.info("event.reattached", event_key=event.key, event_type=event.event_type,
-                         task_id=event.task_id, handles=len(work.receipts))
-                return
-            work = Work(event, receipt.sub_app_id, [receipt])
-            self._by_key[key] = work
+            chain = self._by_key.get(key)
+            if chain is not None:
+                now = self._clock()
+                for work in chain:
+                    if not work.live(now):  # its handle expired: this is its redelivery
+                        work.receipts.append(receipt)
+                        self._count("reattached")
+                        log.info("event.reattached", event_key=event.key,
+                                 event_type=event.event_type, task_id=event.task_id,
+                                 handles=len(work.receipts))
+                        return
+            # No earlier handle of this key has expired: a new notification.
+            work = Work(event, receipt.sub_app_id, [receipt],
+                        after=chain[-1] if chain else None)
+            if chain is None:
+                self._by_key[key] = [work]
+            else:
+                chain.append(work)
+            self._held += 1
             lane = self._lanes.setdefault(event.ordering_key, deque())
             lane.append(work)
             if len(lane) == 1:
@@ -151,7 +230,7 @@ class Dispatcher:
     def in_flight(self) -> int:
         """Events held in memory: queued or being delivered."""
         with self._lock:
-            return len(self._by_key)
+            return self._held
 
     def wait_capacity(self, timeout_s: float) -> bool:
         """Wait until a full pull fits under max_in_flight and reserve that room, to be given
@@ -169,13 +248,12 @@ class Dispatcher:
             self._lock.notify_all()
 
     def _has_room(self) -> bool:
-        held = len(self._by_key) + self._reserved
-        return held + PULL_BATCH_MAX <= self._policy.max_in_flight
+        return self._held + self._reserved + PULL_BATCH_MAX <= self._gen.policy.max_in_flight
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no work is queued or running."""
         with self._lock:
-            return self._lock.wait_for(lambda: not self._by_key, timeout_s)
+            return self._lock.wait_for(lambda: self._held == 0, timeout_s)
 
     def pull_delay_s(self) -> float:
         """How long pullers should wait before the next pull: back-pressure while sinks fail."""
@@ -199,16 +277,30 @@ class Dispatcher:
             work = self._ready.get()
             if work is None or self._stop.is_set():
                 return
+            with self._lock:
+                gen = self._gen
+                gen.users += 1
             try:
-                self._process(work)
+                self._process(work, gen)
             except Exception:
                 log.exception("event.crashed", event_key=work.event.key)
             finally:
-                self._finish(work)
+                self._finish(work, gen)
 
-    def _finish(self, work: Work) -> None:
+    def _finish(self, work: Work, gen: _Generation) -> None:
         with self._lock:
-            del self._by_key[(work.sub_app_id, work.event.key)]
+            gen.users -= 1
+            retire = gen.retired and gen.users == 0
+            key = (work.sub_app_id, work.event.key)
+            chain = self._by_key[key]
+            chain.remove(work)
+            if not chain:
+                del self._by_key[key]
+            for later in chain:
+                if later.after is work:
+                    # Keep its number: the next one continues after it, not from scratch.
+                    later.after = work if work.occurrence is not None else work.after
+            self._held -= 1
             lane = self._lanes[work.event.ordering_key]
             lane.popleft()
             if lane:
@@ -218,106 +310,190 @@ class Dispatcher:
             # Wake waiters only when it matters to them: pullers as the count drops just
             # below their threshold, wait_idle at zero. A notify_all per event woke every
             # blocked puller for nothing, a context switch each.
-            held = len(self._by_key)
-            if held == 0 or held + self._reserved + PULL_BATCH_MAX == self._policy.max_in_flight:
+            held = self._held
+            if held == 0 or held + self._reserved + PULL_BATCH_MAX == gen.policy.max_in_flight:
                 self._lock.notify_all()
+        if retire:
+            close_sinks(gen.routes)
 
-    def _process(self, work: Work) -> None:
+    def _busy(self, what: str, limit_s: float) -> Any:
+        return nullcontext() if self._heartbeat is None else self._heartbeat.busy(what, limit_s)
+
+    def _process(self, work: Work, gen: _Generation) -> None:
         event = work.event
         bound = log.bind(event_key=event.key, event_type=event.event_type, task_id=event.task_id,
                          file_id=event.file_id, status=event.status, sub_app_id=work.sub_app_id)
-        wanted = [r for r in self.routes if r.config.wants(event, work.sub_app_id)]
+        wanted = [r for r in gen.routes if r.config.wants(event, work.sub_app_id)]
         if not wanted:
-            self._unrouted(work, bound)
+            self._unrouted(work, gen, bound)
+            return
+        if self._deferred(work, bound):
             return
         try:
-            states = self._ledger.states(event.key)
+            after = work.after.occurrence if work.after is not None else None
+            with self._busy("ledger lookup", LEDGER_CALL_LIMIT_S):
+                occurrence, states = self._ledger.lookup(event.key, -1 if after is None else after)
+            work.occurrence = occurrence
+            if occurrence:
+                bound = bound.bind(occurrence=occurrence)
             todo = [r for r in wanted if not (r.config.name in states
                                               and states[r.config.name].done)]
             if not todo:
-                self._count("duplicates")
-                bound.info("event.duplicate", sinks=[r.config.name for r in wanted])
+                self._already_done(wanted, states, bound)
+                self._resolve(work)
                 self._complete(work, bound)
                 return
             done = True
             for route in todo:
-                outcome = self._deliver(work, route, states.get(route.config.name), bound)
-                self._ledger.record([outcome])
+                outcome = self._deliver(work, route, states.get(route.config.name), gen, bound)
+                with self._busy("ledger write", LEDGER_CALL_LIMIT_S):
+                    self._ledger.record([outcome])
                 done = done and (outcome.delivered or outcome.dead)
         except LedgerError as exc:
             bound.error("ledger.write_failed", error=str(exc))
+            self._count("failed")
+            self._unresolved_add(work, gen)
             self._note(success=False)
             return
         self._note(success=done)
         if done:
+            self._resolve(work)
             self._complete(work, bound)
         else:
             self._count("failed")
+            self._unresolved_add(work, gen)
             bound.warning("event.not_confirmed", reason="a sink did not take the event")
 
-    def _deliver(self, work: Work, route: Route, state: SinkState | None,
+    def _already_done(self, wanted: list[Route], states: dict[str, SinkState],
+                      bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Every wanted sink has this occurrence: a redelivery (or one set aside before)."""
+        names = [r.config.name for r in wanted]
+        if all(states[name].delivered for name in names):
+            self._count("duplicates")
+            for name in names:
+                self._on_delivery(name, "duplicate", None)
+            bound.info("event.duplicate", sinks=names)
+        else:
+            self._count("already_dead")
+            bound.info("event.already_dead_lettered", sinks=names)
+
+    def _deferred(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> bool:
+        """Whether an earlier event of the same task is unresolved: then this one waits."""
+        event = work.event
+        now = self._clock()
+        with self._lock:
+            pending = self._unresolved.get(event.ordering_key)
+            if not pending:
+                return False
+            for key in [k for k, until in pending.items() if until <= now]:
+                del pending[key]
+            blockers = [k for k in pending if k != event.key]
+            if not pending:
+                del self._unresolved[event.ordering_key]
+            if blockers:
+                self.counters["deferred"] += 1
+        if not blockers:
+            return False
+        bound.info("event.deferred", waiting_for=blockers[0],
+                   reason="an earlier event of this task is not delivered yet; this one "
+                          "stays unconfirmed and comes back after it")
+        return True
+
+    def _unresolved_add(self, work: Work, gen: _Generation) -> None:
+        until = self._clock() + gen.policy.unresolved_hold_s
+        now = self._clock()
+        with self._lock:
+            if len(self._unresolved) >= _UNRESOLVED_PURGE_AT:
+                for ordering, pending in list(self._unresolved.items()):
+                    for key in [k for k, t in pending.items() if t <= now]:
+                        del pending[key]
+                    if not pending:
+                        del self._unresolved[ordering]
+            self._unresolved.setdefault(work.event.ordering_key, {})[work.event.key] = until
+
+    def _resolve(self, work: Work) -> None:
+        with self._lock:
+            pending = self._unresolved.get(work.event.ordering_key)
+            if pending is not None:
+                pending.pop(work.event.key, None)
+                if not pending:
+                    del self._unresolved[work.event.ordering_key]
+
+    def _deliver(self, work: Work, route: Route, state: SinkState | None, gen: _Generation,
                  bound: structlog.typing.FilteringBoundLogger) -> Outcome:
         cfg, event = route.config, work.event
+        did = delivery_id(event.key, work.occurrence or 0)
         attempt = 0
         while True:
             attempt += 1
-            started = time.monotonic()
+            started = self._clock()
             try:
-                route.sink.deliver(Delivery(event, work.sub_app_id, attempt, cfg.timeout_s))
+                # A sink that ignores its own timeout by more than this is hung.
+                with self._busy(f"sink {cfg.name}", cfg.timeout_s * 2 + 5.0):
+                    route.sink.deliver(Delivery(event, work.sub_app_id, attempt, cfg.timeout_s))
             except SinkError as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 -- a sink bug is a failed delivery
                 bound.exception("sink.crashed", sink=cfg.name, attempt=attempt)
                 error = SinkError(f"{type(exc).__name__}: {exc}")
             else:
+                elapsed = self._clock() - started
                 self._count("delivered")
+                self._on_delivery(cfg.name, "delivered", elapsed)
                 bound.info("event.delivered", sink=cfg.name, attempt=attempt,
-                           duration_ms=round((time.monotonic() - started) * 1000, 1))
-                return Outcome(event.key, cfg.name, delivered=True)
+                           duration_ms=round(elapsed * 1000, 1))
+                return Outcome(did, cfg.name, delivered=True)
+            self._on_delivery(cfg.name, "failed", self._clock() - started)
             bound.warning("sink.failed", sink=cfg.name, attempt=attempt, error=error.reason,
                           retryable=error.retryable)
             if not error.retryable or attempt > cfg.retries:
                 break
             delay = backoff_s(attempt, cfg.backoff_s, cfg.backoff_max_s)
-            budget_end = work.latest_deadline() - self._policy.confirm_margin_s
+            budget_end = work.latest_deadline() - gen.policy.confirm_margin_s
             if self._clock() + delay >= budget_end or self._stop.wait(delay):
                 break
-        return self._give_up(work, route, state, error, bound)
+        return self._give_up(work, route, error, did=did, state=state, gen=gen, bound=bound)
 
-    def _give_up(self, work: Work, route: Route, state: SinkState | None, error: SinkError,
+    def _give_up(self, work: Work, route: Route, error: SinkError, *, did: str,
+                 state: SinkState | None, gen: _Generation,
                  bound: structlog.typing.FilteringBoundLogger) -> Outcome:
         cfg, event = route.config, work.event
         rounds = (state.attempts if state else 0) + 1
-        age_s = time.time() - state.first_seen if state else 0.0
-        poison = rounds >= cfg.max_attempts or age_s >= self._policy.max_age_s
+        age_s = self._wall_clock() - state.first_seen if state else 0.0
+        poison = rounds >= cfg.max_attempts or age_s >= gen.policy.max_age_s
         if not poison:
-            return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
-        if self.dead_letter is None:
+            return Outcome(did, cfg.name, delivered=False, error=error.reason)
+        if gen.dead_letter is None:
             bound.error("event.poison", sink=cfg.name, rounds=rounds, error=error.reason,
                         action="left in VOD: configure [dead_letter] directory to set it aside")
-            return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
+            return Outcome(did, cfg.name, delivered=False, error=error.reason)
         try:
-            path = self.dead_letter.write(event, work.sub_app_id, sink=cfg.name,
-                                           reason=error.reason, rounds=rounds)
+            path = gen.dead_letter.write(event, work.sub_app_id, sink=cfg.name,
+                                         reason=error.reason, rounds=rounds, delivery_id=did)
         except OSError as exc:
             bound.error("deadletter.write_failed", sink=cfg.name, error=str(exc))
-            return Outcome(event.key, cfg.name, delivered=False, error=error.reason)
+            return Outcome(did, cfg.name, delivered=False, error=error.reason)
         self._count("dead")
+        self._on_delivery(cfg.name, "dead", None)
         bound.error("event.dead_lettered", sink=cfg.name, rounds=rounds, path=str(path),
                     error=error.reason)
-        return Outcome(event.key, cfg.name, delivered=False, dead=True, error=error.reason)
+        return Outcome(did, cfg.name, delivered=False, dead=True, error=error.reason)
 
-    def _unrouted(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> None:
+    def _unrouted(self, work: Work, gen: _Generation,
+                  bound: structlog.typing.FilteringBoundLogger) -> None:
         self._count("unrouted")
         # Types come from the API: remember a bounded number of bounded names, forgetting
         # all when full (they are then logged once more), so junk types cannot grow memory.
         seen = work.event.event_type[:UNROUTED_TYPE_CHARS]
-        if seen not in self._unrouted_seen:
-            if len(self._unrouted_seen) >= UNROUTED_TYPES_REMEMBERED:
-                self._unrouted_seen.clear()
-            self._unrouted_seen.add(seen)
-            bound.info("event.unrouted", policy=self._policy.unrouted)
-        if self._policy.unrouted == "confirm":
+        with self._lock:
+            first = seen not in self._unrouted_seen
+            if first:
+                if len(self._unrouted_seen) >= UNROUTED_TYPES_REMEMBERED:
+                    self._unrouted_seen.clear()
+                self._unrouted_seen.add(seen)
+        if first:
+            bound.info("event.unrouted", policy=gen.policy.unrouted)
+        if gen.policy.unrouted == "confirm":
             self._complete(work, bound)
 
     def _complete(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> None:
@@ -329,7 +505,11 @@ class Dispatcher:
                           reason="delivered after the confirm window; VOD will redeliver it "
                                  "and the ledger will absorb the duplicate")
             return
-        self._confirm(max(live, key=lambda r: r.deadline), work.event)
+        newest = max(live, key=lambda r: r.deadline)
+        if work.occurrence is not None:
+            newest = dataclasses.replace(newest, event_key=work.event.key,
+                                         occurrence=work.occurrence)
+        self._confirm(newest, work.event)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -338,3 +518,12 @@ class Dispatcher:
     def _note(self, *, success: bool) -> None:
         with self._lock:
             self._failure_streak = 0 if success else min(self._failure_streak + 1, 30)
+
+
+def close_sinks(routes: Sequence[Route]) -> None:
+    """Close each sink; a failure to close one does not stop the others."""
+    for route in routes:
+        try:
+            route.sink.close()
+        except Exception:  # closing one sink must not stop the others
+            log.exception("sink.close_failed", sink=route.config.name)

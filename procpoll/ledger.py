@@ -1,8 +1,12 @@
 """The delivery memory: which sink already has which event, and how often each failed.
 
-One SQLite file in WAL mode. A row per (event key, sink) holds the attempts, the
+One SQLite file in WAL mode. A row per (delivery id, sink) holds the attempts, the
 first-seen time and, once the sink has the event, `delivered_at` (or `dead_at`
-once it went to the dead-letter directory). Outcomes of concurrent deliveries are
+once it went to the dead-letter directory). The delivery id is the event key for
+the first occurrence of a notification and `key~n` for the n-th identical one: a
+row in `confirmations` per (event key, occurrence) that ConfirmEvents accepted
+tells a redelivery (same occurrence, not yet confirmed) from a new notification
+with a byte-identical body (the next occurrence). Outcomes of concurrent deliveries are
 group-committed: each caller waits until its own rows are durable. Reads go through
 other connections, taken from a pool without a lock, so a lookup never waits behind
 a commit and its fsync, nor behind another lookup (WAL readers see every committed
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from procpoll.errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Rows per INSERT: a statement per row count stays prepared on the connection (its
 # statement cache), so few row counts keep that memory small and bounded.
 _ROWS_PER_INSERT = 16
@@ -45,12 +49,34 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (event_key, sink)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_first_seen ON deliveries (first_seen);
+CREATE TABLE IF NOT EXISTS confirmations (
+    event_key    TEXT NOT NULL,
+    occurrence   INTEGER NOT NULL,
+    confirmed_at REAL NOT NULL,
+    PRIMARY KEY (event_key, occurrence)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS confirmations_confirmed_at ON confirmations (confirmed_at);
 """
+
+
+def delivery_id(event_key: str, occurrence: int) -> str:
+    """The ledger's name for one occurrence of a notification (the key itself for the first)."""
+    return event_key if occurrence == 0 else f"{event_key}~{occurrence}"
+
+
+def next_occurrence(confirmed: Iterable[int], after: int = -1) -> int:
+    """The first occurrence number above `after` that ConfirmEvents has not accepted yet."""
+    taken = set(confirmed)
+    occurrence = after + 1
+    while occurrence in taken:
+        occurrence += 1
+    return occurrence
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one delivery round of one event to one sink."""
+    """The result of one delivery round of one event to one sink (`event_key` is the
+    delivery id: see delivery_id)."""
 
     event_key: str
     sink: str
@@ -65,7 +91,21 @@ class SinkState:
 
     attempts: int
     first_seen: float
-    done: bool
+    delivered: bool
+    dead: bool
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to do for this sink: it has the event, or it was set aside."""
+        return self.delivered or self.dead
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """ConfirmEvents accepted the handle of this occurrence of this notification."""
+
+    event_key: str
+    occurrence: int
 
 
 def _held_lock() -> threading.Lock:
@@ -77,11 +117,11 @@ def _held_lock() -> threading.Lock:
 @dataclass(slots=True)
 class _Ticket:
     outcomes: list[Outcome]
+    confirmations: list[Confirmation]
     # Held until the ticket is done or made leader: a bare lock is far cheaper to wait
     # on and to release than an Event (a Condition written in Python).
     woken: threading.Lock = field(default_factory=_held_lock)
     done: bool = False
-    lead: bool = False  # this caller commits the queued tickets (its own among them)
     error: BaseException | None = None
 
 
@@ -116,21 +156,33 @@ class Ledger:
         self._pending_lock = threading.Lock()
         self._committing = False
 
-    def states(self, event_key: str) -> dict[str, SinkState]:
-        """Per sink, what is known of this event."""
+    def states(self, event_key: str, occurrence: int = 0) -> dict[str, SinkState]:
+        """Per sink, what is known of this occurrence of this event."""
+        return self.lookup(event_key, occurrence - 1)[1]
+
+    def lookup(self, event_key: str, after: int = -1) -> tuple[int, dict[str, SinkState]]:
+        """The occurrence a newly pulled handle stands for, and per sink what is known of it.
+
+        That is the first occurrence above `after` (an earlier identical notification still
+        in memory) whose confirmation is not recorded: an unconfirmed one comes back from
+        VOD as a redelivery, a confirmed one can only come back as a new notification.
+        """
         reader = self._reader()
         try:
+            confirmed = [row[0] for row in reader.execute(
+                "SELECT occurrence FROM confirmations WHERE event_key = ?", (event_key,))]
+            occurrence = next_occurrence(confirmed, after)
             rows = reader.execute(
-                "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL OR "
+                "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, "
                 "dead_at IS NOT NULL FROM deliveries WHERE event_key = ?",
-                (event_key,),
+                (delivery_id(event_key, occurrence),),
             ).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: read failed: {exc}") from exc
         finally:
             self._readers.put(reader)
-        return {sink: SinkState(attempts, first, bool(done))
-                for sink, attempts, first, done in rows}
+        return occurrence, {sink: SinkState(attempts, first, bool(delivered), bool(dead))
+                            for sink, attempts, first, delivered, dead in rows}
 
     def _reader(self) -> sqlite3.Connection:
         try:
@@ -154,7 +206,12 @@ class Ledger:
         except queue.Empty:
             raise LedgerError(f"{self.path}: read failed: no reader free") from None
 
-    def record(self, outcomes: Iterable[Outcome]) -> None:
+    def record_confirmed(self, confirmations: Iterable[Confirmation]) -> None:
+        """Durably record handles that ConfirmEvents accepted (group-committed like record)."""
+        self.record((), confirmations)
+
+    def record(self, outcomes: Iterable[Outcome],
+               confirmations: Iterable[Confirmation] = ()) -> None:
         """Durably record outcomes; returns once they are committed, raises LedgerError if not.
 
         Concurrent callers share one transaction (group commit): one caller, the leader,
@@ -163,14 +220,16 @@ class Ledger:
         ticket rather than on the lock matters: releasing a lock wakes its waiters one
         at a time, each needing the GIL, which cost more than the commit itself.
         """
-        ticket = _Ticket(list(outcomes))
-        if not ticket.outcomes:
+        ticket = _Ticket(list(outcomes), list(confirmations))
+        if not ticket.outcomes and not ticket.confirmations:
             return
         with self._pending_lock:
             self._pending.append(ticket)
-            if not self._committing:
-                self._committing = ticket.lead = True
-        if not ticket.lead:
+            # Decided under the lock and kept in a local: the previous leader may make this
+            # ticket its successor (and release its lock) as soon as the lock is let go.
+            lead = not self._committing
+            self._committing = True
+        if not lead:
             ticket.woken.acquire()
         if not ticket.done:
             self._lead_commit()
@@ -190,9 +249,7 @@ class Ledger:
         finally:
             with self._pending_lock:
                 successor = self._pending[0] if self._pending else None
-                if successor is not None:
-                    successor.lead = True
-                else:
+                if successor is None:
                     self._committing = False
             for ticket in batch:  # each lock is held here: since creation, or by its waiter
                 ticket.woken.release()
@@ -206,6 +263,7 @@ class Ledger:
              now if o.dead else None, o.error)
             for t in batch for o in t.outcomes
         ]
+        confirmed = [(c.event_key, c.occurrence, now) for t in batch for c in t.confirmations]
         error: BaseException | None = None
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -214,6 +272,9 @@ class Ledger:
             for start in range(0, len(rows), _ROWS_PER_INSERT):
                 chunk = rows[start:start + _ROWS_PER_INSERT]
                 self._db.execute(_upsert(len(chunk)), [v for row in chunk for v in row])
+            for start in range(0, len(confirmed), _ROWS_PER_INSERT):
+                part = confirmed[start:start + _ROWS_PER_INSERT]
+                self._db.execute(_confirm_insert(len(part)), [v for row in part for v in row])
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             error = exc
@@ -228,11 +289,13 @@ class Ledger:
         cutoff = self._now() - self.retention_s
         with self._lock:
             try:
-                cursor = self._db.execute("DELETE FROM deliveries WHERE first_seen < ?",
-                                          (cutoff,))
+                removed = self._db.execute("DELETE FROM deliveries WHERE first_seen < ?",
+                                           (cutoff,)).rowcount
+                removed += self._db.execute("DELETE FROM confirmations WHERE confirmed_at < ?",
+                                            (cutoff,)).rowcount
             except sqlite3.Error as exc:
                 raise LedgerError(f"{self.path}: prune failed: {exc}") from exc
-        return cursor.rowcount
+        return removed
 
     def counts(self) -> dict[str, int]:
         """Rows delivered, dead and pending, for status output and tests."""
@@ -263,3 +326,10 @@ def _upsert(rows: int) -> str:
             "delivered_at = coalesce(delivered_at, excluded.delivered_at), "
             "dead_at = coalesce(dead_at, excluded.dead_at), "
             "last_error = coalesce(excluded.last_error, last_error)")
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _confirm_insert(rows: int) -> str:
+    """The insert of `rows` confirmations; a repeated one keeps its first time."""
+    return ("INSERT INTO confirmations (event_key, occurrence, confirmed_at) VALUES "  # noqa: S608
+            + ", ".join(["(?, ?, ?)"] * rows) + " ON CONFLICT DO NOTHING")

@@ -14,6 +14,8 @@ import pytest
 from procpoll.config import Config
 from procpoll.daemon import Daemon
 from procpoll.emulator import Emulator, generate_events
+from procpoll.events import event_key
+from procpoll.ledger import Ledger, Outcome
 from tests.conftest import Receiver, daemon_config, emulator_env, wait_for
 
 
@@ -119,17 +121,52 @@ def test_redelivery_skips_the_sink_that_already_has_the_event(
 def test_redelivered_event_already_delivered_is_confirmed_without_calling_sinks(
         tmp_path: Path, emulator: Emulator,
         start_daemon: Callable[[Config, Emulator], Daemon]) -> None:
-    """A notification the ledger knows (confirm was lost) is confirmed, not delivered again."""
+    """A notification the ledger has as delivered but not as confirmed (the process died
+    before its confirm) comes back: it is confirmed, not delivered again."""
     body = task_event("t-known")
     config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
-    first = Daemon(config, environ=emulator_env(emulator))
+    ledger = Ledger(config.ledger.path, retention_s=3600)
+    ledger.record([Outcome(event_key(body), "archive", delivered=True)])
+    ledger.close()
     emulator.enqueue([body])
-    assert first.once() == 0
-    emulator.enqueue([body])  # VOD sends the same notification again
+    start_daemon(config, emulator)
+    assert emulator.wait_drained(10)
+    assert emulator.stats()["confirmed"] == 1
+    assert lines(tmp_path / "archive.jsonl") == []
+
+
+def test_identical_body_after_a_confirmed_one_is_a_new_notification(
+        tmp_path: Path, emulator: Emulator,
+        start_daemon: Callable[[Config, Emulator], Daemon]) -> None:
+    """RestoreMediaComplete carries no id: restoring one file twice sends byte-identical
+    bodies. The second comes after the first was confirmed, so it is delivered too."""
+    body = {"EventType": "RestoreMediaComplete",
+            "RestoreMediaCompleteEvent": {"FileId": "5285890800000000009", "Status": 0}}
+    config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
+    emulator.enqueue([body])
+    assert Daemon(config, environ=emulator_env(emulator)).once() == 0
+    emulator.enqueue([body])
     start_daemon(config, emulator)
     assert emulator.wait_drained(10)
     assert emulator.stats()["confirmed"] == 2
-    assert len(lines(tmp_path / "archive.jsonl")) == 1
+    assert lines(tmp_path / "archive.jsonl") == [body, body]
+
+
+def test_two_identical_live_notifications_in_one_pull_are_both_delivered(
+        tmp_path: Path, emulator: Emulator,
+        start_daemon: Callable[[Config, Emulator], Daemon]) -> None:
+    """Two live handles with the same key are two notifications: each is delivered once,
+    one after the other, and both handles are confirmed (none left to expire)."""
+    body = {"EventType": "RestoreMediaComplete",
+            "RestoreMediaCompleteEvent": {"FileId": "5285890800000000010", "Status": 0}}
+    emulator.enqueue([body, body])
+    config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
+    start_daemon(config, emulator)
+    assert emulator.wait_drained(10)
+    stats = emulator.stats()
+    assert stats["confirmed"] == 2
+    assert stats.get("redelivered", 0) == 0
+    assert lines(tmp_path / "archive.jsonl") == [body, body]
 
 
 def test_events_of_one_task_are_delivered_in_order_one_at_a_time(

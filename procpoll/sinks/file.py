@@ -25,13 +25,24 @@ def parse_options(t: Table) -> FileOptions:
     return FileOptions(path=t.file_path("path", Path("events.jsonl")), fsync=t.flag("fsync", True))
 
 
+_PATH_LOCKS: dict[str, threading.Lock] = {}
+_PATH_LOCKS_GUARD = threading.Lock()
+
+
+def _path_lock(path: Path) -> threading.Lock:
+    """One lock per file for the whole process: a sink replaced by a reload may still be
+    writing while its successor starts, and the undo of one must not cut the other's line."""
+    with _PATH_LOCKS_GUARD:
+        return _PATH_LOCKS.setdefault(str(path.absolute()), threading.Lock())
+
+
 class FileSink:
     """Appends events to a JSON-lines file, opened once, shared by all workers."""
 
     def __init__(self, name: str, options: FileOptions) -> None:
         self.name = name
         self._options = options
-        self._lock = threading.Lock()
+        self._lock = _path_lock(options.path)
         self._fd: int | None = None
 
     def _open(self) -> int:
