@@ -1,8 +1,13 @@
-"""The command line around the new sub-commands: exit status of a crash, argument checks."""
+"""The command line: exit statuses (a crash, an unreadable or sinkless config), argument
+checks, and stderr lines tagged with their priority under journald."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,3 +49,104 @@ def test_doctor_requires_a_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["doctor"])
     assert "-c/--config" in capsys.readouterr().err
+
+
+# --- clear exits instead of crash loops (real processes) -------------------------------------
+
+COMMANDS = ["check", "doctor", "run", "once"]
+
+
+def procpoll(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m procpoll ARGS` in a child process, outside any journal."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    return subprocess.run([sys.executable, "-m", "procpoll", *args], env=env, text=True,
+                          capture_output=True, timeout=60, check=False, **options)
+
+
+def sinkless_config(tmp_path: Path) -> Path:
+    path = tmp_path / "procpoll.toml"
+    path.write_text(f'[ledger]\npath = "{tmp_path / "ledger.sqlite3"}"\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_config_without_sinks_exits_78_from_every_command(tmp_path: Path, command: str) -> None:
+    """No sinks would confirm every event undelivered: each command refuses with EX_CONFIG,
+    saying why, before it locks or opens anything."""
+    result = procpoll(command, "-c", str(sinkless_config(tmp_path)))
+    assert result.returncode == cli.EX_CONFIG
+    assert "sinks: no [[sinks]] table: every pulled event would be confirmed" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["procpoll.toml"]
+
+
+# root reads any file; without these two capabilities (as in a unit with an empty
+# CapabilityBoundingSet=) it obeys the file mode like any user.
+ROOT_WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def _unreadable(kind: str, base: Path) -> tuple[Path, str, list[str]]:
+    """A config path of `kind`, the reason the kernel gives, and a prefix for the command."""
+    if kind == "a directory":
+        return base, "Is a directory", []
+    if kind == "under a file":
+        (base / "procpoll.toml").write_text("", encoding="utf-8")
+        return base / "procpoll.toml" / "procpoll.toml", "Not a directory", []
+    path = base / "procpoll.toml"
+    path.write_text("", encoding="utf-8")
+    path.chmod(0)
+    return path, "Permission denied", ROOT_WITHOUT_DAC if os.geteuid() == 0 else []
+
+
+@pytest.mark.parametrize(("command", "kind"), [
+    *((command, "a directory") for command in COMMANDS),
+    ("check", "under a file"), ("run", "under a file"),
+    ("check", "not readable"), ("run", "not readable"),
+])
+def test_unreadable_config_exits_66_with_one_line(tmp_path: Path, command: str,
+                                                  kind: str) -> None:
+    """A directory, a path through a file, or no read permission: exit 66 (EX_NOINPUT,
+    which systemd does not restart) with one line naming the path and the reason."""
+    path, reason, prefix = _unreadable(kind, tmp_path)
+    if prefix and shutil.which(prefix[0]) is None:
+        pytest.skip("running as root without setpriv: every file is readable")
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    result = subprocess.run([*prefix, sys.executable, "-m", "procpoll", command, "-c", str(path)],
+                            env=env, text=True, capture_output=True, timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (
+        cli.EX_NOINPUT, f"procpoll: cannot read the config file {path}: {reason}\n")
+
+
+SLOW_SINK = '[[sinks]]\nname = "slow"\ntype = "file"\npath = "{out}"\ntimeout = 10\n'
+
+
+@pytest.mark.parametrize(("journal", "prefix"), [(True, "<3>"), (False, "")])
+def test_fatal_lines_carry_priority_err_when_stderr_is_the_journal(
+        tmp_path: Path, journal: bool, prefix: str) -> None:
+    """stderr is the journal ($JOURNAL_STREAM = its device:inode): each fatal line starts
+    with <3>, so `journalctl -p err` shows why; elsewhere the line is plain."""
+    err = tmp_path / "stderr"
+    with err.open("w", encoding="utf-8") as stream:
+        st = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}" if journal else "1:2"}
+        subprocess.run([sys.executable, "-m", "procpoll", "check", "-c",
+                        str(sinkless_config(tmp_path))],
+                       env=env, stdout=subprocess.DEVNULL, stderr=stream, timeout=60, check=False)
+    lines = err.read_text(encoding="utf-8").splitlines()
+    assert lines
+    assert all(line.startswith(f"{prefix}procpoll: config: ") for line in lines)
+
+
+def test_check_warnings_carry_priority_warning_under_the_journal(tmp_path: Path) -> None:
+    """Lint warnings are filed at priority warning (<4>), the --strict verdict at err (<3>)."""
+    path = tmp_path / "procpoll.toml"
+    path.write_text(f'[ledger]\npath = "{tmp_path / "l.sqlite3"}"\n'
+                    + SLOW_SINK.format(out=tmp_path / "a.jsonl"), encoding="utf-8")
+    err = tmp_path / "stderr"
+    with err.open("w", encoding="utf-8") as stream:
+        st = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        subprocess.run([sys.executable, "-m", "procpoll", "check", "--strict", "-c", str(path)],
+                       env=env, stdout=subprocess.DEVNULL, stderr=stream, timeout=60, check=False)
+    warning, verdict = err.read_text(encoding="utf-8").splitlines()
+    assert warning.startswith(f"<4>warning: {path}: sinks[0]: sink 'slow'")
+    assert verdict == "<3>procpoll: check --strict: 1 warning(s)"

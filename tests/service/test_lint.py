@@ -172,3 +172,39 @@ def test_request_timeout_within_the_long_poll_hold_is_an_error(
     path = write(tmp_path, f"[vod]\nrequest_timeout = {timeout}\n")
     assert cli.main(["check", "-c", str(path)]) == cli.EX_CONFIG
     assert "vod.request_timeout" in capsys.readouterr().err
+
+
+# --- what unrouted = "confirm" would drop, and names VOD does not document -------------------
+
+
+def test_unrouted_confirm_names_the_types_no_sink_admits() -> None:
+    """Every sink filtered: the documented types none admits would be confirmed unseen."""
+    cfg = config(file_sink("a", events=["ProcedureStateChanged"]),
+                 file_sink("b", events=["NewFileUpload", "FileDeleted"]))
+    [finding] = lint(cfg, mounts=ROOT_ONLY)
+    assert finding.key == "daemon.unrouted"
+    assert "PullComplete" in finding.what and "TranscodeComplete" in finding.what
+    assert "ProcedureStateChanged" not in finding.what
+    assert "NewFileUpload" not in finding.what and "FileDeleted" not in finding.what
+
+
+def test_one_unfiltered_sink_admits_every_type() -> None:
+    """A sink without an events filter takes whatever no other sink does: no warning."""
+    cfg = config(file_sink("a", timeout=1, events=["ProcedureStateChanged"]),
+                 file_sink("b", timeout=1))
+    assert keys(cfg) == []
+
+
+def test_unrouted_leave_does_not_warn_about_unrouted_types() -> None:
+    """With "leave" nothing is confirmed undelivered."""
+    cfg = config(file_sink("a", events=["ProcedureStateChanged"]), daemon={"unrouted": "leave"})
+    assert keys(cfg) == []
+
+
+def test_event_type_vod_does_not_document_warns() -> None:
+    """A name far from every known type is allowed (VOD adds types) but named by `check`."""
+    cfg = config(file_sink("a", timeout=1, events=["MyCustomEvent", "ProcedureStateChanged"]),
+                 file_sink("b", timeout=1))
+    [finding] = lint(cfg, mounts=ROOT_ONLY)
+    assert finding.key == "sinks[0].events"
+    assert finding.what.startswith("'MyCustomEvent' is not an event type VOD documents")
