@@ -101,14 +101,27 @@ def event_key(raw: Mapping[str, Any]) -> str:
     """The event's identity: a hash of its canonical JSON (the handle is not part of raw).
 
     A redelivery of one notification has the same key; two notifications that differ in
-    anything (PROCESSING vs FINISH, a progress update) have different keys.
+    anything (PROCESSING vs FINISH, a progress update) have different keys. A member that
+    is null hashes as if it were missing: VOD sometimes sends null members and sometimes
+    omits them, and a redelivery must not look new because of that.
     """
     try:
         canonical = _CANONICAL.encode(raw)
+        if ":null" in canonical:  # rare in a way that matters; skip the copy otherwise
+            canonical = _CANONICAL.encode(_without_nulls(raw))
         data = canonical.encode()
     except (RecursionError, ValueError, TypeError) as exc:
         raise EventParseError("$", f"not serialisable as JSON ({type(exc).__name__})") from exc
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` with every null object member removed, at any depth (list items stay)."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def parse_event(item: object) -> Event:
