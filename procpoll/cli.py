@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     once = sub.add_parser("once", help="pull one batch per sub-app, deliver, confirm, exit "
-                                       "(0 = all delivered, 75 = some not, 77 = credentials "
+                                       "(0 = all delivered, 75 = some not or another procpoll "
+                                       "holds the ledger, 77 = credentials "
                                        "refused, 69 = API unreachable)")
     _config_arg(once)
     once.set_defaults(func=_cmd_once)

@@ -150,3 +150,15 @@ def test_check_warnings_carry_priority_warning_under_the_journal(tmp_path: Path)
     warning, verdict = err.read_text(encoding="utf-8").splitlines()
     assert warning.startswith(f"<4>warning: {path}: sinks[0]: sink 'slow'")
     assert verdict == "<3>procpoll: check --strict: 1 warning(s)"
+
+
+def test_check_does_not_import_the_sdk(tmp_path: Path) -> None:
+    """`check` validates and lints without loading tencentcloud (fast, works without it)."""
+    path = tmp_path / "procpoll.toml"
+    path.write_text('[[sinks]]\nname = "out"\ntype = "stdout"\n', encoding="utf-8")
+    probe = ("import sys; from procpoll import cli;"
+             " status = cli.main(['check', '-c', sys.argv[1]]);"
+             " print(status, sorted(m for m in sys.modules if m.startswith('tencentcloud')))")
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], text=True,
+                            capture_output=True, timeout=60, check=False)
+    assert result.stdout.splitlines()[-1] == "0 []"
