@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 
     emulator_command.configure_parser(emulate)
     emulate.set_defaults(func=emulator_command.run)
+    from procpoll import status as status_command  # noqa: PLC0415 -- keep run light
+
+    status_command.add_parser(sub)
     return parser
 
 

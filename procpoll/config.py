@@ -10,6 +10,7 @@ from typing import Any
 
 from procpoll.errors import ConfigError
 from procpoll.event_types import KNOWN_EVENT_TYPES, PROCEDURE_STATUSES, closest
+from procpoll.listen import split_listen
 from procpoll.schema import Problems, Table
 from procpoll.sinks import SINK_TYPES
 from procpoll.sinks.base import SinkConfig
@@ -74,6 +75,14 @@ class LogConfig:
 
     level: str = "info"
     format: str = "json"
+    stats_interval_s: float = 60.0  # a daemon.stats line this often (0 = never)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus /metrics endpoint ("" = off)."""
+
+    listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,7 @@ class Config:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     sinks: tuple[SinkConfig, ...] = ()
 
@@ -130,13 +140,14 @@ def parse_config(document: dict[str, Any], source: str) -> Config:
     ledger = _ledger(top.table("ledger"))
     daemon = _daemon(top.table("daemon"))
     log = _log(top.table("log"))
+    metrics = _metrics(top.table("metrics"))
     dead_letter = _dead_letter(top.table("dead_letter"))
     sinks = _sinks(top, problems, ledger, daemon)
     top.finish()
     if problems.lines:
         raise ConfigError(problems.lines)
     return Config(source=source, vod=vod, credentials=credentials, ledger=ledger, daemon=daemon,
-                  log=log, dead_letter=dead_letter, sinks=sinks)
+                  log=log, metrics=metrics, dead_letter=dead_letter, sinks=sinks)
 
 
 def _vod(t: Table) -> VodConfig:
@@ -218,9 +229,21 @@ def _log(t: Table) -> LogConfig:
     log = LogConfig(
         level=t.text("level", d.level, choices=("debug", "info", "warning", "error")),
         format=t.text("format", d.format, choices=("json", "console")),
+        stats_interval_s=t.seconds("stats_interval", d.stats_interval_s),
     )
     t.finish()
     return log
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    listen = t.text("listen", MetricsConfig().listen).strip()
+    if listen:
+        try:
+            split_listen(listen)
+        except ValueError as exc:
+            t.bad("listen", str(exc))
+    t.finish()
+    return MetricsConfig(listen=listen)
 
 
 def _dead_letter(t: Table) -> DeadLetterConfig:

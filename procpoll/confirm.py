@@ -21,6 +21,7 @@ import structlog
 from procpoll.dispatch import Receipt
 from procpoll.errors import ApiError, ExpiredHandleError, PermanentApiError
 from procpoll.heartbeat import Heartbeat
+from procpoll.metrics import Metrics
 from procpoll.vod import MAX_HANDLES_PER_CONFIRM, Pacer, VodApi
 
 log = structlog.get_logger("procpoll.confirm")
@@ -41,12 +42,13 @@ class Confirmer:
                  threads_per_app: int = 4, clock: Callable[[], float] = time.monotonic,
                  on_confirmed: Callable[[list[Receipt]], None] = lambda _receipts: None,
                  pacer: Pacer | None = None, heartbeat: Heartbeat | None = None,
-                 call_limit_s: float = 30.0) -> None:
+                 call_limit_s: float = 30.0, metrics: Metrics | None = None) -> None:
         self._factory = client_factory
         self._pacer = pacer
         self._on_confirmed = on_confirmed
         self._heartbeat = heartbeat
         self._call_limit_s = call_limit_s
+        self._metrics = metrics or Metrics()
         self._clock = clock
         self._cv = threading.Condition()
         self._queues: dict[int | None, deque[Receipt]] = {app: deque() for app in sub_app_ids}
@@ -83,6 +85,12 @@ class Confirmer:
             self._cv.notify_all()
         return drained
 
+    def oldest_deadline(self) -> float | None:
+        """The earliest deadline of the handles waiting to be sent (None when none wait)."""
+        with self._cv:
+            return min((r.deadline for queue in self._queues.values() for r in queue),
+                       default=None)
+
     def _should_send(self, app: int | None) -> bool:
         pending = len(self._queues[app])
         return pending > 0 and (not self._sending[app] or pending >= MAX_HANDLES_PER_CONFIRM)
@@ -105,6 +113,7 @@ class Confirmer:
                     batch.append(receipt)
                 else:
                     self.expired += 1
+                    self._metrics.handles_expired()
                     log.warning("events.confirm_expired", sub_app_id=app, handles=1)
             if batch:
                 self._busy += 1
@@ -147,7 +156,12 @@ class Confirmer:
         busy: Any = nullcontext() if self._heartbeat is None else \
             self._heartbeat.busy("ConfirmEvents", self._call_limit_s)
         with busy:
-            api.confirm(app, [r.handle for r in batch])
+            try:
+                api.confirm(app, [r.handle for r in batch])
+            except ApiError as exc:
+                self._metrics.api_call("ConfirmEvents", exc.code)
+                raise
+        self._metrics.api_call("ConfirmEvents", "ok")
 
     def _send(self, api: VodApi, app: int | None, batch: list[Receipt]) -> list[Receipt]:
         """Confirm a batch; return the receipts to try again."""
@@ -202,12 +216,14 @@ class Confirmer:
     def _expired(self, app: int | None, code: str) -> None:
         with self._cv:
             self.expired += 1
+        self._metrics.handles_expired()
         log.warning("events.confirm_refused", sub_app_id=app, code=code,
                     reason="handle expired; VOD will redeliver and the ledger absorbs it")
 
     def _accepted(self, app: int | None, batch: list[Receipt], *, assumed: bool = False) -> None:
         with self._cv:
             self.confirmed += len(batch)
+        self._metrics.confirmed(app, len(batch))
         if assumed:
             log.info("events.confirmed", sub_app_id=app, count=len(batch),
                      note="refused alone after a refused batch: taken as accepted by it")

@@ -43,6 +43,7 @@ from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError, L
 from procpoll.events import parse_event
 from procpoll.heartbeat import Heartbeat
 from procpoll.ledger import Confirmation, Ledger
+from procpoll.metrics import Metrics
 from procpoll.sinks import build_sink
 from procpoll.systemd import Notifier, watchdog_interval_s
 from procpoll.vod import CredentialChain, Pacer, Secrets, TencentVod, VodApi
@@ -58,6 +59,7 @@ AUTH_BACKOFF_S = 60.0
 PULL_BACKOFF_MAX_S = 30.0
 PRUNE_EVERY_S = 3600.0
 PRUNE_RETRY_S = 300.0
+STATUS_EVERY_S = 5.0
 CREDENTIALS_CHECK_S = 1.0
 
 
@@ -87,7 +89,10 @@ class Daemon:
         self._wake_w: socket.socket | None = None
         self.heartbeat = Heartbeat(clock)
         self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
-        self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s)
+        self.metrics = Metrics()
+        self.metrics.declare(self.apps, [sink.name for sink in config.sinks])
+        self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s,
+                             on_commit=self.metrics.ledger_commit)
         self._config_path = config_path
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
@@ -97,12 +102,15 @@ class Daemon:
                                    on_confirmed=self._record_confirmed,
                                    pacer=Pacer(config.vod.requests_per_s),
                                    heartbeat=self.heartbeat,
-                                   call_limit_s=self._api_call_limit_s(config))
+                                   call_limit_s=self._api_call_limit_s(config),
+                                   metrics=self.metrics)
         self.dispatcher = Dispatcher(
             [Route(sink, build_sink(sink)) for sink in config.sinks], self.ledger,
             lambda receipt, _event: self.confirmer.submit(receipt),
             policy=self._policy(config), dead_letter=self._dead_letter(config),
-            stop=self.stop_event, clock=clock, heartbeat=self.heartbeat)
+            stop=self.stop_event, clock=clock, heartbeat=self.heartbeat,
+            on_delivery=self._on_delivery)
+        self.metrics.track(lambda: self.dispatcher.in_flight, self._oldest_unconfirmed_s)
         self.ledger_failures = 0
         self._pullers: list[threading.Thread] = []
 
@@ -114,6 +122,9 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._install_signals()
+        if self.config.metrics.listen:
+            self.metrics.serve(self.config.metrics.listen)
+            log.info("metrics.serving", listen=self.config.metrics.listen, port=self.metrics.port)
         self._announce()
         self.dispatcher.start()
         self.confirmer.start()
@@ -189,6 +200,21 @@ class Daemon:
         """A pull or confirm call still running after this is hung (the SDK has its timeout)."""
         return 2 * config.vod.request_timeout_s + 5.0
 
+    def _on_delivery(self, sink: str, outcome: str, seconds: float | None) -> None:
+        self.metrics.delivery(sink, outcome, seconds)
+        if outcome == "dead":
+            self.metrics.dead_letter("sink")
+
+    def _oldest_unconfirmed_s(self) -> float:
+        """Age of the oldest pulled event not confirmed yet (its pull is its deadline minus
+        the window); 0 when none is held."""
+        deadlines = [d for d in (self.dispatcher.oldest_deadline(),
+                                 self.confirmer.oldest_deadline()) if d is not None]
+        if not deadlines:
+            return 0.0
+        pulled_at = min(deadlines) - self.config.vod.confirm_window_s
+        return max(0.0, self._clock() - pulled_at)
+
     def _record_confirmed(self, receipts: list[Receipt]) -> None:
         """ConfirmEvents accepted these: remember it, so an identical later body is new."""
         done = [Confirmation(r.event_key, r.occurrence) for r in receipts
@@ -230,9 +256,19 @@ class Daemon:
     def _main_loop(self) -> None:
         interval = watchdog_interval_s()
         next_prune = self._clock() + PRUNE_EVERY_S
+        next_status = self._clock() + STATUS_EVERY_S
+        stats_every_s = self.config.log.stats_interval_s
+        next_stats = self._clock() + stats_every_s if stats_every_s else None
         stuck_logged = False
         while True:
-            self._wait_for_wake(min(interval or 5.0, 5.0))
+            self._wait_for_wake(min(interval or STATUS_EVERY_S, STATUS_EVERY_S))
+            now = self._clock()
+            if now >= next_status:
+                next_status = now + STATUS_EVERY_S
+                self._notifier.status(self.metrics.summary_line())
+            if next_stats is not None and now >= next_stats:
+                next_stats = now + stats_every_s
+                log.info("daemon.stats", **self.metrics.snapshot())
             if self._stop_requested:
                 self.stop_event.set()
                 return
@@ -286,13 +322,14 @@ class Daemon:
         running = self.config
         # Restart-only settings keep their running values; the report compares with those,
         # not with the last file read, so a second reload still names what waits.
-        restart = [name for name in ("vod", "credentials", "ledger") if
+        restart = [name for name in ("vod", "credentials", "ledger", "metrics") if
                    getattr(new, name) != getattr(running, name)]
         pools = ("concurrency", "pullers", "max_in_flight")
         restart += [f"daemon.{name}" for name in pools
                     if getattr(new.daemon, name) != getattr(running.daemon, name)]
         applied = dataclasses.replace(
             new, vod=running.vod, credentials=running.credentials, ledger=running.ledger,
+            metrics=running.metrics,
             daemon=dataclasses.replace(new.daemon, **{name: getattr(running.daemon, name)
                                                       for name in pools}))
         # Deliveries already running keep their sinks and settings; the old sinks close
@@ -320,6 +357,7 @@ class Daemon:
         return EX_OK
 
     def _close(self) -> None:
+        self.metrics.close()
         close_sinks(self.dispatcher.routes)
         self.ledger.close()
         if threading.current_thread() is threading.main_thread() and self._wake_w is not None:
@@ -332,7 +370,8 @@ class Daemon:
         if threading.current_thread() is not threading.main_thread():
             return
         # The C-level handler writes the signal number here: the main loop's select wakes.
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_reload_signal)
@@ -396,8 +435,16 @@ class Daemon:
                 if self.stop_event.is_set():
                     raise _Stopped
                 sent_at = self._clock()
-                with self.heartbeat.busy("PullEvents", self._api_call_limit_s(self.config)):
-                    items = api.pull(app)
+                try:
+                    with self.heartbeat.busy("PullEvents", self._api_call_limit_s(self.config)):
+                        items = api.pull(app)
+                except ApiError as exc:
+                    self.metrics.api_call("PullEvents", exc.code)
+                    raise
+                self.metrics.api_call("PullEvents", "ok")
+                self.metrics.answered_pull(app, time.time())
+                if items:
+                    self.metrics.pulled(app, len(items))
                 return sent_at, items
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
@@ -457,6 +504,7 @@ class Daemon:
             bound.error("deadletter.write_failed", error=str(err))
             return
         bound.error("event.dead_lettered", path=str(path))
+        self.metrics.dead_letter("unparseable")
         self.confirmer.submit(Receipt(handle, app, deadline))
 
 

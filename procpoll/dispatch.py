@@ -232,6 +232,12 @@ class Dispatcher:
         with self._lock:
             return self._held
 
+    def oldest_deadline(self) -> float | None:
+        """The earliest first-handle deadline of the work in memory (None when idle)."""
+        with self._lock:
+            return min((chain[0].receipts[0].deadline for chain in self._by_key.values()),
+                       default=None)
+
     def wait_capacity(self, timeout_s: float) -> bool:
         """Wait until a full pull fits under max_in_flight and reserve that room, to be given
         back by release_capacity(): pullers polling at once cannot overshoot together."""

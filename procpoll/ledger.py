@@ -129,10 +129,12 @@ class Ledger:
     """Thread-safe delivery memory over one SQLite file: a writer and a reader connection."""
 
     def __init__(self, path: Path, *, retention_s: float,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self.path = path
         self.retention_s = retention_s
         self._now = now
+        self._on_commit = on_commit
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
@@ -265,6 +267,7 @@ class Ledger:
         ]
         confirmed = [(c.event_key, c.occurrence, now) for t in batch for c in t.confirmations]
         error: BaseException | None = None
+        started = time.monotonic()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             # Many rows per statement rather than executemany: each SQLite call gives up
@@ -280,6 +283,8 @@ class Ledger:
             error = exc
             with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
                 self._db.execute("ROLLBACK")
+        if self._on_commit is not None and error is None:
+            self._on_commit(time.monotonic() - started)
         for ticket in batch:
             ticket.error = error
             ticket.done = True

@@ -28,7 +28,9 @@ def doctor_config(tmp_path: Path, emu: Emulator, sinks: list[dict[str, Any]],
         "vod": {"endpoint": emu.endpoint, "scheme": "http", **vod},
         "ledger": {"path": str(tmp_path / "state" / "ledger.sqlite3")},
         "dead_letter": {"directory": str(tmp_path / "state" / "dead-letter")},
-        "sinks": sinks,
+        # A config without sinks is refused; these checks are about the rest.
+        "sinks": sinks or [{"name": "archive", "type": "file",
+                            "path": str(tmp_path / "state" / "archive.jsonl")}],
     }, "<test>")
 
 
@@ -112,7 +114,8 @@ def test_missing_credentials_list_where_they_were_looked_for(tmp_path: Path,
 def test_unreachable_api_says_what_to_check(tmp_path: Path, emulator: Emulator) -> None:
     """Nothing listening at the endpoint: a network failure with endpoint/DNS/firewall advice."""
     cfg = parse_config({"vod": {"endpoint": f"127.0.0.1:{closed_port()}", "scheme": "http"},
-                        "ledger": {"path": str(tmp_path / "ledger.sqlite3")}}, "<test>")
+                        "ledger": {"path": str(tmp_path / "ledger.sqlite3")},
+                        "sinks": [{"name": "out", "type": "stdout"}]}, "<test>")
     passed, lines = run(cfg, emulator_env(emulator))
     assert "ClientNetworkError" in line(lines, "api")
     assert "check [vod] endpoint" in line(lines, "api")
@@ -242,7 +245,8 @@ def test_command_exit_status_is_0_only_when_all_pass(tmp_path: Path, emulator: E
         monkeypatch.setenv(name, value)
     path = tmp_path / "procpoll.toml"
     base = (f'[vod]\nendpoint = "{emulator.endpoint}"\nscheme = "http"\n'
-            f'[ledger]\npath = "{tmp_path / "ledger.sqlite3"}"\n')
+            f'[ledger]\npath = "{tmp_path / "ledger.sqlite3"}"\n'
+            f'[[sinks]]\nname = "archive"\ntype = "file"\npath = "{tmp_path / "a.jsonl"}"\n')
     path.write_text(base, encoding="utf-8")
     assert cli.main(["doctor", "-c", str(path)]) == cli.EX_OK
     path.write_text(base + f'[[sinks]]\nname = "hook"\ntype = "webhook"\n'
