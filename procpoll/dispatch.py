@@ -436,7 +436,8 @@ class Dispatcher:
             try:
                 # A sink that ignores its own timeout by more than this is hung.
                 with self._busy(f"sink {cfg.name}", cfg.timeout_s * 2 + 5.0):
-                    route.sink.deliver(Delivery(event, work.sub_app_id, attempt, cfg.timeout_s))
+                    route.sink.deliver(Delivery(event, work.sub_app_id, attempt, cfg.timeout_s,
+                                                did))
             except SinkError as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 -- a sink bug is a failed delivery

@@ -169,6 +169,22 @@ def test_two_identical_live_notifications_in_one_pull_are_both_delivered(
     assert lines(tmp_path / "archive.jsonl") == [body, body]
 
 
+def test_second_identical_notification_has_its_own_webhook_id(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver,
+        start_daemon: Callable[[Config, Emulator], Daemon]) -> None:
+    """Receivers deduplicate on webhook-id: the second of two identical notifications
+    carries the next occurrence's id (key~1), not the first one's."""
+    body = {"EventType": "RestoreMediaComplete",
+            "RestoreMediaCompleteEvent": {"FileId": "5285890800000000011", "Status": 0}}
+    emulator.enqueue([body, body])
+    config = daemon_config(tmp_path, emulator,
+                           [{"name": "hook", "type": "webhook", "url": receiver.url}])
+    start_daemon(config, emulator)
+    assert emulator.wait_drained(10)
+    key = event_key(body)
+    assert [h["webhook-id"] for h in receiver.headers] == [key, f"{key}~1"]
+
+
 def test_events_of_one_task_are_delivered_in_order_one_at_a_time(
         tmp_path: Path, emulator: Emulator, receiver: Receiver,
         start_daemon: Callable[[Config, Emulator], Daemon]) -> None:

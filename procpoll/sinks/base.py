@@ -18,6 +18,15 @@ class Delivery:
     sub_app_id: int | None
     attempt: int
     timeout_s: float
+    # Which occurrence of the event this is: the event key for the first, "key~n" for the
+    # n-th notification with an identical body (see ledger.delivery_id). Receivers
+    # deduplicate on it, so a second identical notification is not taken for a repeat.
+    delivery_id: str = ""
+
+    @property
+    def identity(self) -> str:
+        """The id to deduplicate this delivery on."""
+        return self.delivery_id or self.event.key
 
 
 class Sink(Protocol):

@@ -87,6 +87,7 @@ def event_environment(delivery: Delivery) -> dict[str, str]:
     values = {
         "PROCPOLL_EVENT_TYPE": event.event_type,
         "PROCPOLL_EVENT_KEY": event.key,
+        "PROCPOLL_DELIVERY_ID": delivery.identity,
         "PROCPOLL_SUB_APP_ID": str(delivery.sub_app_id or 0),
         "PROCPOLL_ATTEMPT": str(delivery.attempt),
     }

@@ -258,7 +258,6 @@ class SqliteSink:
 
     def deliver(self, delivery: Delivery) -> None:
         """Upsert the event's rows and commit before returning."""
-        event = delivery.event
         with self._lock:
             db = self._open()
             try:
@@ -268,7 +267,7 @@ class SqliteSink:
                     self._busy_ms = busy_ms
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._write(db, event, delivery.sub_app_id, _iso(self._now()))
+                    self._write(db, delivery, _iso(self._now()))
                     db.execute("COMMIT")
                 finally:
                     if db.in_transaction:
@@ -277,11 +276,13 @@ class SqliteSink:
                 raise SinkError(f"{self._options.path}: {exc}",
                                 retryable=not isinstance(exc, sqlite3.IntegrityError)) from exc
 
-    def _write(self, db: sqlite3.Connection, event: Event, sub_app_id: int | None,
-               now: str) -> None:
+    def _write(self, db: sqlite3.Connection, delivery: Delivery, now: str) -> None:
+        event, sub_app_id = delivery.event, delivery.sub_app_id
         task = event.body
         if task is None or not task.task_id:
-            db.execute(_INSERT_EVENT, (event.key, event.event_type, sub_app_id or 0,
+            # Keyed by the delivery id: a second notification with an identical body (a
+            # file restored twice) is its own row, a redelivery is not.
+            db.execute(_INSERT_EVENT, (delivery.identity, event.event_type, sub_app_id or 0,
                                        event.task_id, event.file_id, event.status, now,
                                        event.callback_body().decode()))
             return

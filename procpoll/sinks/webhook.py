@@ -109,9 +109,10 @@ class WebhookSink:
         """POST the event body; raise SinkError unless the receiver answers 2xx."""
         event = delivery.event
         body = event.callback_body()
-        headers = {**self._headers, "webhook-id": event.key}
+        identity = delivery.identity
+        headers = {**self._headers, "webhook-id": identity}
         if self._options.secrets:
-            headers.update(signature_headers(self._options.secrets, event.key, body,
+            headers.update(signature_headers(self._options.secrets, identity, body,
                                              int(time.time())))
         status = self._transport.post(body, headers, delivery.timeout_s)
         if 200 <= status < 300:
