@@ -91,6 +91,7 @@ def test_environment_describes_a_procedure_event(tmp_path: Path) -> None:
     assert {k: v for k, v in env.items() if k.startswith("PROCPOLL_")} == {
         "PROCPOLL_EVENT_TYPE": "ProcedureStateChanged",
         "PROCPOLL_EVENT_KEY": event.key,
+        "PROCPOLL_DELIVERY_ID": event.key,
         "PROCPOLL_SUB_APP_ID": "1400000001",
         "PROCPOLL_ATTEMPT": "3",
         "PROCPOLL_TASK_ID": "1256-Procedure-env",
