@@ -84,11 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(run)
     run.set_defaults(func=_cmd_run)
 
-    once = sub.add_parser("once", help="pull one batch per sub-app, deliver, confirm, exit "
-                                       "(0 = all delivered, 75 = some not or another procpoll "
-                                       "holds the ledger, 77 = credentials "
-                                       "refused, 69 = API unreachable)")
+    once = sub.add_parser(
+        "once", help="pull one batch per sub-app (or --drain the queue), deliver, confirm, exit",
+        description="Pull one batch per sub-app, deliver, confirm and exit; with --drain pull "
+                    "until the queue answers empty (for cron and for catching up). Exit 0 = "
+                    "all delivered, 75 = some not or another procpoll holds the ledger, "
+                    "77 = credentials refused, 69 = API unreachable.")
     _config_arg(once)
+    once.add_argument("--drain", action="store_true",
+                      help="pull until the queue answers empty; a failed delivery ends the "
+                           "drain (exit 75)")
+    once.add_argument("--max-events", type=_positive_int, metavar="N",
+                      help="with --drain, stop pulling once N events were pulled (a pull "
+                           "brings up to 16)")
     once.set_defaults(func=_cmd_once)
 
     check = sub.add_parser(
@@ -176,8 +184,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_once(args: argparse.Namespace) -> int:
     from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
 
+    if args.max_events is not None and not args.drain:
+        to_stderr("procpoll: once: --max-events needs --drain")
+        return EX_USAGE
     config, _lock = _start(args)
-    return Daemon(config).once()
+    return Daemon(config).once(drain=args.drain, max_events=args.max_events)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_never,
     wait_exponential,
@@ -138,8 +139,9 @@ class Daemon:
         self._main_loop()
         return self._shutdown()
 
-    def once(self) -> int:
-        """One pull per sub-app, deliver, confirm, exit.
+    def once(self, *, drain: bool = False, max_events: int | None = None) -> int:
+        """Pull, deliver, confirm, exit: one pull per sub-app, or with `drain` pull each
+        sub-app until the queue answers empty (or `max_events` were pulled in all).
 
         0 = every pulled event delivered (or set aside), 75 = some were not (they stay in
         VOD), 77 = credentials refused, 69 = the API did not answer after a few tries.
@@ -149,10 +151,10 @@ class Daemon:
         self.confirmer.start()
         api = self._factory()
         status = EX_OK
+        budget = _PullBudget(max_events)
         try:
             for app in self.apps:
-                sent_at, items = self._pull(api, app, max_attempts=ONCE_PULL_ATTEMPTS)
-                self._accept(app, sent_at, items)
+                self._once_app(api, app, budget, drain=drain)
         except AuthError as exc:
             log.error("api.auth_failed", code=exc.code, error=exc.message)
             status = EX_NOPERM
@@ -167,7 +169,7 @@ class Daemon:
         counters = self.dispatcher.counters
         log.info("daemon.once_done", **counters, confirmed=self.confirmer.confirmed,
                  confirm_expired=self.confirmer.expired, ledger_failures=self.ledger_failures,
-                 finished=idle, drained=drained)
+                 finished=idle, drained=drained, pulled=budget.pulled)
         # 0 only when every pulled event is in VOD's hands as confirmed: anything left
         # undelivered, unrecorded or unconfirmed comes back later, which is 75.
         incomplete = (counters["failed"] or counters["deferred"] or self.confirmer.expired
@@ -175,6 +177,38 @@ class Daemon:
         if status == EX_OK and incomplete:
             status = EX_TEMPFAIL
         return status
+
+    def _once_app(self, api: VodApi, app: int | None, budget: _PullBudget, *,
+                  drain: bool) -> None:
+        """`once` for one sub-app: pull while draining, within max_in_flight like the pull
+        loop. A failed delivery ends the drain: the run exits 75 anyway, and pulling on
+        would only feed more events to a failing sink."""
+        while not budget.spent():
+            if not self.dispatcher.wait_capacity(self.config.vod.confirm_window_s * 4):
+                log.warning("once.no_capacity", sub_app_id=app,
+                            action="stopped pulling: deliveries did not finish")
+                return
+            try:
+                sent_at, items = self._once_pull(api, app)
+                self._accept(app, sent_at, items)
+            finally:
+                self.dispatcher.release_capacity()
+            budget.pulled += min(len(items), PULL_BATCH_MAX)
+            counters = self.dispatcher.counters
+            if not drain or not items or counters["failed"] or counters["deferred"]:
+                return
+
+    def _once_pull(self, api: VodApi, app: int | None) -> tuple[float, list[Any]]:
+        """PullEvents for `once`: a few tries while the API does not answer, but none after
+        refused credentials, which a retry a minute later would not fix in a cron job."""
+        retrying = Retrying(retry=retry_if_exception_type(ApiError)
+                            & retry_if_not_exception_type(AuthError),
+                            wait=_pull_wait, stop=stop_after_attempt(ONCE_PULL_ATTEMPTS),
+                            sleep=self._sleep, before_sleep=_log_pull_error(app), reraise=True)
+        for attempt in retrying:
+            with attempt:
+                return self._pull(api, app, max_attempts=1)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def stop(self) -> None:
         """Ask the daemon to stop (what SIGTERM does); safe from any thread."""
@@ -506,6 +540,17 @@ class Daemon:
         bound.error("event.dead_lettered", path=str(path))
         self.metrics.dead_letter("unparseable")
         self.confirmer.submit(Receipt(handle, app, deadline))
+
+
+@dataclasses.dataclass(slots=True)
+class _PullBudget:
+    """How many events `once` pulled, against its optional limit."""
+
+    limit: int | None
+    pulled: int = 0
+
+    def spent(self) -> bool:
+        return self.limit is not None and self.pulled >= self.limit
 
 
 class _PullGate:
