@@ -18,6 +18,7 @@ from procpoll.errors import ConfigError, LedgerError, ProcpollError
 
 EX_OK = 0
 EX_DOCTOR_FAILED = 1
+EX_NOT_FOUND = 1
 EX_USAGE = 64
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
@@ -134,10 +135,34 @@ def _parser() -> argparse.ArgumentParser:
 
     emulator_command.configure_parser(emulate)
     emulate.set_defaults(func=emulator_command.run)
+    _ledger_parser(sub)
     from procpoll import status as status_command  # noqa: PLC0415 -- keep run light
 
     status_command.add_parser(sub)
     return parser
+
+
+def _ledger_parser(sub: Any) -> None:
+    ledger = sub.add_parser(
+        "ledger", help="what the ledger knows about an event, and its totals",
+        description="Read the delivery ledger ([ledger] path) read-only: safe while the "
+                    "daemon runs.")
+    commands = ledger.add_subparsers(metavar="ACTION", dest="action", required=True)
+    show = commands.add_parser(
+        "show", help="per sink: attempts, delivered, dead, last error, first seen; and the "
+                     "confirmations (exit 1 if the ledger knows nothing of KEY)",
+        description="Show the ledger rows of one event: its own and those of later identical "
+                    "notifications (KEY~n), per sink, and the confirmations recorded for KEY.")
+    show.add_argument("key", metavar="KEY", help="the event key (as logged: event_key)")
+    stats = commands.add_parser(
+        "stats", help="rows delivered, dead and failing, confirmations, the oldest row",
+        description="Totals of the ledger: rows delivered, dead-lettered and failing (neither "
+                    "yet), confirmations recorded, and the oldest row's time.")
+    for parser in (show, stats):
+        _config_arg(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON document")
+    show.set_defaults(func=_cmd_ledger_show)
+    stats.set_defaults(func=_cmd_ledger_stats)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +244,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from procpoll.demo import run_demo  # noqa: PLC0415 -- imports the SDK and the emulator
 
     return run_demo(args.dir, args.events, seed=args.seed)
+
+
+def _cmd_ledger_show(args: argparse.Namespace) -> int:
+    from procpoll import ledger_ops  # noqa: PLC0415 -- only `ledger` needs it
+
+    record = ledger_ops.show(_load(args.config).ledger.path, args.key)
+    ledger_ops.print_show(record, sys.stdout, as_json=args.json)
+    return EX_OK if record["deliveries"] or record["confirmations"] else EX_NOT_FOUND
+
+
+def _cmd_ledger_stats(args: argparse.Namespace) -> int:
+    from procpoll import ledger_ops  # noqa: PLC0415 -- only `ledger` needs it
+
+    ledger_ops.print_stats(ledger_ops.stats(_load(args.config).ledger.path), sys.stdout,
+                           as_json=args.json)
+    return EX_OK
 
 
 def _positive_int(text: str) -> int:

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from procpoll import cli
 from procpoll.config import Config
 from procpoll.daemon import Daemon
 from procpoll.emulator import Emulator, generate_events
+from procpoll.events import event_key
+from procpoll.ledger import Ledger, Outcome
 from tests.conftest import Receiver, daemon_config, emulator_env
 
 
@@ -129,3 +133,95 @@ def test_once_with_refused_credentials_exits_77_without_backing_off(
     assert Daemon(config, environ=env).once(drain=True) == 77
     assert time.monotonic() - started < 10
     assert emulator.stats()["actions"]["PullEvents"]["calls"] == 1
+
+
+# --- ledger show / stats -----------------------------------------------------------------------
+
+RESTORED = {"EventType": "RestoreMediaComplete",
+            "RestoreMediaCompleteEvent": {"FileId": "5285890800000000009", "Status": 0}}
+
+
+def run_once(tmp_path: Path, emu: Emulator) -> int:
+    """`procpoll once` in this process, on the config file config_file() writes."""
+    config = daemon_config(tmp_path, emu, [{"name": "archive", "type": "file",
+                                            "path": str(tmp_path / "archive.jsonl")}])
+    return Daemon(config, environ=emulator_env(emu)).once()
+
+
+def test_ledger_show_lists_every_occurrence_and_its_confirmations(
+        tmp_path: Path, emulator: Emulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two identical notifications, one after the other: `ledger show KEY --json` has the
+    row of KEY and of KEY~1 for the sink, both delivered, and confirmations 0 and 1."""
+    path = config_file(tmp_path, emulator)
+    for _ in range(2):
+        emulator.enqueue([RESTORED])
+        assert run_once(tmp_path, emulator) == 0
+    key = event_key(RESTORED)
+    capsys.readouterr()
+    assert cli.main(["ledger", "show", key, "--json", "-c", str(path)]) == cli.EX_OK
+    record = json.loads(capsys.readouterr().out)
+    assert [(row["delivery_id"], row["sink"], row["state"], row["attempts"])
+            for row in record["deliveries"]] == [(key, "archive", "delivered", 1),
+                                                 (f"{key}~1", "archive", "delivered", 1)]
+    assert all(row["first_seen"] for row in record["deliveries"])
+    assert [row["occurrence"] for row in record["confirmations"]] == [0, 1]
+
+
+def test_ledger_show_text_names_the_last_error(tmp_path: Path, emulator: Emulator,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A failing row shows its state, attempts and last error in the text answer."""
+    path = config_file(tmp_path, emulator)
+    ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400)
+    ledger.record([Outcome("k1", "hook", delivered=False, error="HTTP 503")])
+    ledger.record([Outcome("k1", "hook", delivered=False, error="HTTP 502")])
+    ledger.close()
+    assert cli.main(["ledger", "show", "k1", "-c", str(path)]) == cli.EX_OK
+    out = capsys.readouterr().out
+    assert "k1  sink=hook  failing  attempts=2" in out
+    assert "last_error='HTTP 502'" in out
+    assert "no confirmation recorded" in out
+
+
+def test_ledger_show_of_an_unknown_key_exits_1(tmp_path: Path, emulator: Emulator,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A key the ledger never saw (or one that only shares a prefix) is exit 1, like grep."""
+    path = config_file(tmp_path, emulator)
+    ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400)
+    ledger.record([Outcome("k10", "hook", delivered=True)])
+    ledger.close()
+    assert cli.main(["ledger", "show", "k1", "-c", str(path)]) == cli.EX_NOT_FOUND
+    assert "no delivery rows" in capsys.readouterr().out
+
+
+def test_ledger_stats_counts_rows_by_state(tmp_path: Path, emulator: Emulator,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`ledger stats --json`: delivered, dead and failing rows, confirmations, oldest row."""
+    path = config_file(tmp_path, emulator)
+    emulator.enqueue([RESTORED])
+    assert run_once(tmp_path, emulator) == 0
+    ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400)
+    ledger.record([Outcome("k-dead", "hook", delivered=False, dead=True, error="HTTP 400"),
+                   Outcome("k-failing", "hook", delivered=False, error="HTTP 503")])
+    ledger.close()
+    capsys.readouterr()
+    assert cli.main(["ledger", "stats", "--json", "-c", str(path)]) == cli.EX_OK
+    totals = json.loads(capsys.readouterr().out)
+    assert {k: totals[k] for k in ("delivered", "dead", "failing", "confirmations")} == {
+        "delivered": 1, "dead": 1, "failing": 1, "confirmations": 1}
+    assert totals["oldest_row"].startswith(time.strftime("%Y-", time.gmtime()))
+
+
+def test_ledger_commands_never_create_or_change_the_ledger(tmp_path: Path,
+                                                           emulator: Emulator) -> None:
+    """Read-only: with no ledger file `ledger stats` exits 66 and creates none; on an
+    existing ledger the file's bytes are unchanged after show and stats."""
+    path = config_file(tmp_path, emulator)
+    assert cli.main(["ledger", "stats", "-c", str(path)]) == cli.EX_NOINPUT
+    assert not (tmp_path / "ledger.sqlite3").exists()
+    ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400)
+    ledger.record([Outcome("k1", "hook", delivered=True)])
+    ledger.close()
+    before = (tmp_path / "ledger.sqlite3").read_bytes()
+    assert cli.main(["ledger", "stats", "-c", str(path)]) == cli.EX_OK
+    assert cli.main(["ledger", "show", "k1", "-c", str(path)]) == cli.EX_OK
+    assert (tmp_path / "ledger.sqlite3").read_bytes() == before
