@@ -21,9 +21,10 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from procpoll.errors import LedgerError
 
@@ -37,18 +38,27 @@ _MAX_READERS = 4
 _READER_CACHE_KIB = 256  # per reader; a lookup touches a few B-tree pages
 _READER_WAIT_S = 5.0  # the writer's busy timeout: a reader is never held that long
 
+# `event_key` holds the delivery id. Claims and the ordering key serve several consumers
+# sharing one ledger: `claim_owner` delivers until `claim_expires`; a row not done and
+# active (`updated_at`) blocks later events of its `ordering_key` in every consumer.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
-    event_key    TEXT NOT NULL,
-    sink         TEXT NOT NULL,
-    first_seen   REAL NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    delivered_at REAL,
-    dead_at      REAL,
-    last_error   TEXT,
+    event_key     TEXT NOT NULL,
+    sink          TEXT NOT NULL,
+    first_seen    REAL NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    delivered_at  REAL,
+    dead_at       REAL,
+    last_error    TEXT,
+    ordering_key  TEXT,
+    claim_owner   TEXT,
+    claim_expires REAL,
+    updated_at    REAL,
     PRIMARY KEY (event_key, sink)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_first_seen ON deliveries (first_seen);
+CREATE INDEX IF NOT EXISTS deliveries_unresolved ON deliveries (ordering_key)
+    WHERE delivered_at IS NULL AND dead_at IS NULL;
 CREATE TABLE IF NOT EXISTS confirmations (
     event_key    TEXT NOT NULL,
     occurrence   INTEGER NOT NULL,
@@ -57,6 +67,10 @@ CREATE TABLE IF NOT EXISTS confirmations (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS confirmations_confirmed_at ON confirmations (confirmed_at);
 """
+
+
+# Columns schema 1 lacked; added in place when a version-1 ledger is opened.
+_V1_TO_V2 = ("ordering_key TEXT", "claim_owner TEXT", "claim_expires REAL", "updated_at REAL")
 
 
 def delivery_id(event_key: str, occurrence: int) -> str:
@@ -83,6 +97,7 @@ class Outcome:
     delivered: bool
     dead: bool = False
     error: str | None = None
+    ordering_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,72 @@ class Confirmation:
     occurrence: int
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Ask to deliver one occurrence (`delivery_id`) to `sinks`, as `owner`, for `lease_s`.
+
+    `hold_s`: how long a failed event of the same `ordering_key` keeps blocking its
+    task's later events without any activity (it is redelivered well within that).
+    """
+
+    delivery_id: str
+    sinks: tuple[str, ...]
+    owner: str
+    lease_s: float
+    ordering_key: str
+    hold_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What a claim got: sinks now ours, sinks another live owner holds (owner, seconds
+    left), sinks already done, or the earlier unresolved event that blocks the task."""
+
+    acquired: tuple[str, ...] = ()
+    held: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    done: tuple[str, ...] = ()
+    blocked_by: str | None = None
+
+
+class DeliveryLedger(Protocol):
+    """The delivery memory the dispatcher and confirmer need; SQLite or PostgreSQL.
+
+    `shared` says whether other processes may deliver from the same ledger: then the
+    dispatcher claims each (occurrence, sink) before delivering it.
+    """
+
+    name: str
+    shared: bool
+
+    def lookup(self, event_key: str, after: int = -1) -> tuple[int, dict[str, SinkState]]:
+        """The occurrence a pulled handle stands for, and what each sink has of it."""
+
+    def states(self, event_key: str, occurrence: int = 0) -> dict[str, SinkState]:
+        """Per sink, what is known of this occurrence."""
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        """Atomically take the unclaimed (or expired) sinks of an occurrence."""
+
+    def record(self, outcomes: Iterable[Outcome],
+               confirmations: Iterable[Confirmation] = ()) -> None:
+        """Durably record outcomes (releasing their claims) and accepted confirmations."""
+
+    def record_confirmed(self, confirmations: Iterable[Confirmation]) -> None:
+        """Durably record handles ConfirmEvents accepted."""
+
+    def ping(self) -> None:
+        """Raise LedgerError unless the ledger answers a trivial query."""
+
+    def prune(self) -> int:
+        """Forget rows older than the retention; returns rows removed."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows delivered, dead and failing."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
 def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
@@ -126,12 +207,18 @@ class _Ticket:
 
 
 class Ledger:
-    """Thread-safe delivery memory over one SQLite file: a writer and a reader connection."""
+    """Thread-safe delivery memory over one SQLite file: a writer and reader connections.
+
+    `shared`: several processes of one supervisor use the file (they claim deliveries).
+    """
 
     def __init__(self, path: Path, *, retention_s: float,
                  now: Callable[[], float] = time.time,
-                 on_commit: Callable[[float], None] | None = None) -> None:
+                 on_commit: Callable[[float], None] | None = None,
+                 shared: bool = False) -> None:
         self.path = path
+        self.name = str(path)
+        self.shared = shared
         self.retention_s = retention_s
         self._now = now
         self._on_commit = on_commit
@@ -144,6 +231,9 @@ class Ledger:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise LedgerError(f"{path}: schema version {version} is newer than this procpoll")
+            if version == 1:
+                for column in _V1_TO_V2:
+                    self._db.execute(f"ALTER TABLE deliveries ADD COLUMN {column}")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.Error, OSError) as exc:
@@ -208,6 +298,38 @@ class Ledger:
         except queue.Empty:
             raise LedgerError(f"{self.path}: read failed: no reader free") from None
 
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        """One IMMEDIATE transaction: the ordering check, then each sink's claim.
+
+        Claims are not worth an fsync: one lost in a power cut is taken over by whoever
+        pulls the event next, which is the crash window the outcomes already have.
+        """
+        now = self._now()
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = _claim(self._db, request, now)
+                    self._db.execute("COMMIT")
+                finally:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    self._db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self.path}: claim failed: {exc}") from exc
+        return result
+
+    def ping(self) -> None:
+        """Raise LedgerError unless a reader answers."""
+        reader = self._reader()
+        try:
+            reader.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: read failed: {exc}") from exc
+        finally:
+            self._readers.put(reader)
+
     def record_confirmed(self, confirmations: Iterable[Confirmation]) -> None:
         """Durably record handles that ConfirmEvents accepted (group-committed like record)."""
         self.record((), confirmations)
@@ -262,7 +384,7 @@ class Ledger:
         now = self._now()
         rows = [
             (o.event_key, o.sink, now, now if o.delivered else None,
-             now if o.dead else None, o.error)
+             now if o.dead else None, o.error, o.ordering_key, now)
             for t in batch for o in t.outcomes
         ]
         confirmed = [(c.event_key, c.occurrence, now) for t in batch for c in t.confirmations]
@@ -326,11 +448,14 @@ def _upsert(rows: int) -> str:
     """The upsert of `rows` outcomes: attempts count up, delivered/dead keep their first time."""
     # Only placeholders are repeated into the text; every value is a bound parameter.
     return ("INSERT INTO deliveries (event_key, sink, first_seen, attempts, delivered_at, "  # noqa: S608
-            "dead_at, last_error) VALUES " + ", ".join(["(?, ?, ?, 1, ?, ?, ?)"] * rows) +
+            "dead_at, last_error, ordering_key, updated_at) VALUES "
+            + ", ".join(["(?, ?, ?, 1, ?, ?, ?, ?, ?)"] * rows) +
             " ON CONFLICT (event_key, sink) DO UPDATE SET attempts = attempts + 1, "
             "delivered_at = coalesce(delivered_at, excluded.delivered_at), "
             "dead_at = coalesce(dead_at, excluded.dead_at), "
-            "last_error = coalesce(excluded.last_error, last_error)")
+            "last_error = coalesce(excluded.last_error, last_error), "
+            "ordering_key = coalesce(ordering_key, excluded.ordering_key), "
+            "claim_owner = NULL, claim_expires = NULL, updated_at = excluded.updated_at")
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
@@ -338,3 +463,43 @@ def _confirm_insert(rows: int) -> str:
     """The insert of `rows` confirmations; a repeated one keeps its first time."""
     return ("INSERT INTO confirmations (event_key, occurrence, confirmed_at) VALUES "  # noqa: S608
             + ", ".join(["(?, ?, ?)"] * rows) + " ON CONFLICT DO NOTHING")
+
+
+def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> ClaimResult:
+    """The claim's statements, inside the caller's transaction."""
+    did = request.delivery_id
+    mine = db.execute("SELECT min(first_seen) FROM deliveries WHERE event_key = ?",
+                      (did,)).fetchone()[0]
+    blocker = db.execute(
+        "SELECT event_key FROM deliveries WHERE ordering_key = ? AND event_key <> ? "
+        "AND delivered_at IS NULL AND dead_at IS NULL AND updated_at > ? "
+        "AND first_seen < ? ORDER BY first_seen LIMIT 1",
+        (request.ordering_key, did, now - request.hold_s, now if mine is None else mine),
+    ).fetchone()
+    if blocker is not None:
+        return ClaimResult(blocked_by=blocker[0])
+    acquired: list[str] = []
+    held: dict[str, tuple[str, float]] = {}
+    done: list[str] = []
+    expires = now + request.lease_s
+    for sink in request.sinks:
+        row = db.execute(
+            "SELECT delivered_at IS NOT NULL OR dead_at IS NOT NULL, claim_owner, claim_expires "
+            "FROM deliveries WHERE event_key = ? AND sink = ?", (did, sink)).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO deliveries (event_key, sink, first_seen, attempts, ordering_key, "
+                "claim_owner, claim_expires, updated_at) VALUES (?, ?, ?, 0, ?, ?, ?, ?)",
+                (did, sink, now, request.ordering_key, request.owner, expires, now))
+            acquired.append(sink)
+        elif row[0]:
+            done.append(sink)
+        elif row[1] not in (None, request.owner) and row[2] is not None and row[2] > now:
+            held[sink] = (row[1], row[2] - now)
+        else:
+            db.execute(
+                "UPDATE deliveries SET claim_owner = ?, claim_expires = ?, updated_at = ?, "
+                "ordering_key = coalesce(ordering_key, ?) WHERE event_key = ? AND sink = ?",
+                (request.owner, expires, now, request.ordering_key, did, sink))
+            acquired.append(sink)
+    return ClaimResult(tuple(acquired), held, tuple(done))
