@@ -20,6 +20,7 @@ EX_OK = 0
 EX_DOCTOR_FAILED = 1
 EX_NOT_FOUND = 1
 EX_USAGE = 64
+EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     emulator_command.configure_parser(emulate)
     emulate.set_defaults(func=emulator_command.run)
     _ledger_parser(sub)
+    _deadletter_parser(sub)
     from procpoll import status as status_command  # noqa: PLC0415 -- keep run light
 
     status_command.add_parser(sub)
@@ -163,6 +165,39 @@ def _ledger_parser(sub: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON document")
     show.set_defaults(func=_cmd_ledger_show)
     stats.set_defaults(func=_cmd_ledger_stats)
+
+
+def _deadletter_parser(sub: Any) -> None:
+    deadletter = sub.add_parser(
+        "deadletter", help="list, show and replay the events set aside in [dead_letter] directory",
+        description="The dead-letter directory ([dead_letter] directory) holds one JSON file "
+                    "per event a sink refused max_attempts times, and per pulled item that "
+                    "was not an event (*.unparsed.json).")
+    commands = deadletter.add_subparsers(metavar="ACTION", dest="action", required=True)
+    listing = commands.add_parser(
+        "list", help="each file with its reason, sink, rounds, event type and time",
+        description="List the dead letters, oldest first: file, sink, rounds, event type, "
+                    "reason and when it was set aside.")
+    _config_arg(listing)
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    listing.set_defaults(func=_cmd_deadletter_list)
+    show = commands.add_parser("show", help="print one dead letter",
+                               description="Print one dead-letter file, as stored.")
+    _config_arg(show)
+    show.add_argument("file", metavar="FILE",
+                      help="a file name in the dead-letter directory, or a path")
+    show.set_defaults(func=_cmd_deadletter_show)
+    replay = commands.add_parser(
+        "replay", help="deliver dead letters to their sink again (exit 0 = all, 75 = not all)",
+        description="Deliver each dead letter again to the sink that refused it (or to "
+                    "--sink), with that sink's timeout, retries and backoff; record the "
+                    "delivery in the ledger and only then remove the file. Unparsed items "
+                    "are kept. Exit 0 when every file was replayed, 75 otherwise.")
+    _config_arg(replay)
+    replay.add_argument("--sink", metavar="NAME", help="deliver to this configured sink instead")
+    replay.add_argument("files", metavar="FILE", nargs="*",
+                        help="files to replay (default: every sink-failure dead letter)")
+    replay.set_defaults(func=_cmd_deadletter_replay)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -260,6 +295,55 @@ def _cmd_ledger_stats(args: argparse.Namespace) -> int:
     ledger_ops.print_stats(ledger_ops.stats(_load(args.config).ledger.path), sys.stdout,
                            as_json=args.json)
     return EX_OK
+
+
+def _cmd_deadletter_list(args: argparse.Namespace) -> int:
+    from procpoll import deadletter_ops  # noqa: PLC0415 -- only `deadletter` needs it
+
+    directory = deadletter_ops.directory_of(_load(args.config))
+    deadletter_ops.print_list(deadletter_ops.letters(directory), sys.stdout, as_json=args.json)
+    return EX_OK
+
+
+def _cmd_deadletter_show(args: argparse.Namespace) -> int:
+    from procpoll import deadletter_ops  # noqa: PLC0415 -- only `deadletter` needs it
+
+    directory = deadletter_ops.directory_of(_load(args.config))
+    letter = deadletter_ops.read(deadletter_ops.resolve(directory, args.file))
+    if letter.record is None:
+        if not letter.path.exists():
+            raise FileNotFoundError(letter.path)
+        to_stderr(f"procpoll: {letter.path}: {letter.problem}")
+        return EX_DATAERR
+    print(json.dumps(letter.record, indent=2, ensure_ascii=False))
+    return EX_OK
+
+
+def _cmd_deadletter_replay(args: argparse.Namespace) -> int:
+    from procpoll import deadletter_ops  # noqa: PLC0415 -- imports every sink type
+
+    config = _load(args.config)
+    directory = deadletter_ops.directory_of(config)
+    logs.configure("warning", "console", stream=sys.stderr)
+    if args.files:
+        paths = [deadletter_ops.resolve(directory, name) for name in args.files]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(missing[0])
+    else:
+        found = deadletter_ops.letters(directory)
+        for letter in found:
+            if letter.unparsed:
+                to_stderr(f"kept {letter.path.name}: not an event "
+                          f"({(letter.record or {}).get('reason')})", PRIORITY_WARNING)
+        paths = [letter.path for letter in found if not letter.unparsed]
+    results = deadletter_ops.Replayer(config, sink_override=args.sink).replay(paths)
+    for result in results:
+        if result.replayed:
+            print(f"replayed {result.path.name} -> {result.sink}")
+        else:
+            to_stderr(f"{result.path.name}: {result.why}", PRIORITY_WARNING)
+    return EX_OK if all(result.replayed for result in results) else EX_TEMPFAIL
 
 
 def _positive_int(text: str) -> int:

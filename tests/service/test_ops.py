@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from procpoll import cli
-from procpoll.config import Config
+from procpoll.config import Config, load_config
 from procpoll.daemon import Daemon
 from procpoll.emulator import Emulator, generate_events
 from procpoll.events import event_key
@@ -141,11 +142,9 @@ RESTORED = {"EventType": "RestoreMediaComplete",
             "RestoreMediaCompleteEvent": {"FileId": "5285890800000000009", "Status": 0}}
 
 
-def run_once(tmp_path: Path, emu: Emulator) -> int:
-    """`procpoll once` in this process, on the config file config_file() writes."""
-    config = daemon_config(tmp_path, emu, [{"name": "archive", "type": "file",
-                                            "path": str(tmp_path / "archive.jsonl")}])
-    return Daemon(config, environ=emulator_env(emu)).once()
+def run_once(path: Path, emu: Emulator) -> int:
+    """`procpoll once` in this process, on a config file."""
+    return Daemon(load_config(path), environ=emulator_env(emu)).once()
 
 
 def test_ledger_show_lists_every_occurrence_and_its_confirmations(
@@ -155,7 +154,7 @@ def test_ledger_show_lists_every_occurrence_and_its_confirmations(
     path = config_file(tmp_path, emulator)
     for _ in range(2):
         emulator.enqueue([RESTORED])
-        assert run_once(tmp_path, emulator) == 0
+        assert run_once(path, emulator) == 0
     key = event_key(RESTORED)
     capsys.readouterr()
     assert cli.main(["ledger", "show", key, "--json", "-c", str(path)]) == cli.EX_OK
@@ -198,7 +197,7 @@ def test_ledger_stats_counts_rows_by_state(tmp_path: Path, emulator: Emulator,
     """`ledger stats --json`: delivered, dead and failing rows, confirmations, oldest row."""
     path = config_file(tmp_path, emulator)
     emulator.enqueue([RESTORED])
-    assert run_once(tmp_path, emulator) == 0
+    assert run_once(path, emulator) == 0
     ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400)
     ledger.record([Outcome("k-dead", "hook", delivered=False, dead=True, error="HTTP 400"),
                    Outcome("k-failing", "hook", delivered=False, error="HTTP 503")])
@@ -225,3 +224,135 @@ def test_ledger_commands_never_create_or_change_the_ledger(tmp_path: Path,
     assert cli.main(["ledger", "stats", "-c", str(path)]) == cli.EX_OK
     assert cli.main(["ledger", "show", "k1", "-c", str(path)]) == cli.EX_OK
     assert (tmp_path / "ledger.sqlite3").read_bytes() == before
+
+
+# --- deadletter list / show / replay -----------------------------------------------------------
+
+JUNK = {"EventType": "ProcedureStateChanged", "ProcedureStateChangeEvent": "junk"}
+
+
+def hook_sink(receiver: Receiver, name: str = "hook") -> str:
+    """A webhook sink that dead-letters at its first failed round, retrying twice within it."""
+    return (f'[[sinks]]\nname = "{name}"\ntype = "webhook"\nurl = "{receiver.url}"\n'
+            'max_attempts = 1\nretries = 2\nbackoff = 0.01\nbackoff_max = 0.02\n')
+
+
+def dead_lettered(tmp_path: Path, emu: Emulator, receiver: Receiver,
+                  bodies: list[dict[str, Any]], extra: str = "") -> Path:
+    """Run `once` while the receiver answers 400: each event is set aside for "hook"."""
+    receiver.status = lambda _body: 400
+    path = config_file(tmp_path, emu, hook_sink(receiver) + extra)
+    emu.enqueue(bodies)
+    assert run_once(path, emu) == 0
+    receiver.status = lambda _body: 200
+    return path
+
+
+def test_deadletter_list_shows_reason_sink_rounds_type_and_time(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deadletter list --json`: the sink failure with its sink, rounds, type, reason and
+    time; the unparsed item with its reason."""
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED, JUNK])
+    capsys.readouterr()
+    assert cli.main(["deadletter", "list", "--json", "-c", str(path)]) == cli.EX_OK
+    rows = {row["kind"]: row for row in json.loads(capsys.readouterr().out)}
+    failure, unparsed = rows["sink-failure"], rows["unparsed"]
+    assert (failure["file"], failure["sink"], failure["rounds"], failure["event_type"]) == (
+        f"{event_key(RESTORED)}.hook.json", "hook", 1, "RestoreMediaComplete")
+    assert "400" in failure["reason"]
+    assert failure["dead_lettered_at"].endswith("Z")
+    assert unparsed["file"].endswith(".unparsed.json")
+    assert "ProcedureStateChangeEvent" in unparsed["reason"]
+    assert cli.main(["deadletter", "list", "-c", str(path)]) == cli.EX_OK
+    assert "unparsed (kept: nothing to replay)" in capsys.readouterr().out
+
+
+def test_deadletter_show_prints_the_stored_record(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deadletter show FILE` (a name in the directory) prints the record, event included;
+    a name that is not there is exit 66."""
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED])
+    name = f"{event_key(RESTORED)}.hook.json"
+    capsys.readouterr()
+    assert cli.main(["deadletter", "show", name, "-c", str(path)]) == cli.EX_OK
+    assert json.loads(capsys.readouterr().out)["event"] == RESTORED
+    assert cli.main(["deadletter", "show", "nope.json", "-c", str(path)]) == cli.EX_NOINPUT
+
+
+def test_deadletter_replay_delivers_records_then_removes(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deadletter replay` delivers the event to its sink, records it delivered in the
+    ledger, removes the file and exits 0; the unparsed item is kept."""
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED, JUNK])
+    assert cli.main(["deadletter", "replay", "-c", str(path)]) == cli.EX_OK
+    assert receiver.received() == [RESTORED]
+    assert [p.name for p in (tmp_path / "dead").iterdir()] == [
+        next(p.name for p in (tmp_path / "dead").iterdir() if p.name.endswith(".unparsed.json"))]
+    capsys.readouterr()
+    assert cli.main(["ledger", "show", event_key(RESTORED), "--json", "-c", str(path)]) == 0
+    states = {row["sink"]: row["state"] for row in json.loads(capsys.readouterr().out)
+              ["deliveries"]}
+    assert states == {"archive": "delivered", "hook": "delivered"}
+
+
+def test_deadletter_replay_keeps_the_file_while_the_sink_refuses(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver) -> None:
+    """A sink that still answers 503 gets its retries (1 + 2 attempts) and the file stays;
+    exit 75."""
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED])
+    attempts: list[bytes] = []
+
+    def refuse(body: bytes) -> int:
+        attempts.append(body)
+        return 503
+
+    receiver.status = refuse
+    assert cli.main(["deadletter", "replay", "-c", str(path)]) == cli.EX_TEMPFAIL
+    assert len(attempts) == 3
+    assert (tmp_path / "dead" / f"{event_key(RESTORED)}.hook.json").exists()
+
+
+def test_deadletter_replay_to_another_sink(tmp_path: Path, emulator: Emulator,
+                                          receiver: Receiver) -> None:
+    """`--sink NAME` delivers to that sink instead, and the ledger row is under its name."""
+    other = tmp_path / "other.jsonl"
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED],
+                         f'[[sinks]]\nname = "other"\ntype = "file"\npath = "{other}"\n'
+                         'events = ["FileDeleted"]\n')
+    assert cli.main(["deadletter", "replay", "--sink", "other", "-c", str(path)]) == cli.EX_OK
+    assert [json.loads(line) for line in other.read_text(encoding="utf-8").splitlines()] \
+        == [RESTORED]
+    assert receiver.received() == []
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
+        assert db.execute("SELECT delivered_at IS NOT NULL FROM deliveries WHERE sink = 'other'"
+                          ).fetchall() == [(1,)]
+
+
+def test_deadletter_replay_of_an_old_file_records_its_event_key(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver) -> None:
+    """A file written before delivery ids existed (only `event_key`) is replayed and recorded
+    under that key."""
+    path = dead_lettered(tmp_path, emulator, receiver, [RESTORED])
+    dead = tmp_path / "dead" / f"{event_key(RESTORED)}.hook.json"
+    record = json.loads(dead.read_text(encoding="utf-8"))
+    del record["delivery_id"]
+    dead.write_text(json.dumps(record), encoding="utf-8")
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
+        db.execute("DELETE FROM deliveries WHERE sink = 'hook'")
+    assert cli.main(["deadletter", "replay", str(dead), "-c", str(path)]) == cli.EX_OK
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
+        assert db.execute("SELECT event_key FROM deliveries WHERE sink = 'hook' AND "
+                          "delivered_at IS NOT NULL").fetchall() == [(event_key(RESTORED),)]
+    assert not dead.exists()
+
+
+def test_deadletter_replay_of_a_named_unparsed_item_keeps_it(
+        tmp_path: Path, emulator: Emulator, receiver: Receiver) -> None:
+    """Naming an unparsed item: nothing can be replayed, it is kept, exit 75."""
+    path = dead_lettered(tmp_path, emulator, receiver, [JUNK])
+    [junk] = (tmp_path / "dead").glob("*.unparsed.json")
+    assert cli.main(["deadletter", "replay", junk.name, "-c", str(path)]) == cli.EX_TEMPFAIL
+    assert junk.exists()
