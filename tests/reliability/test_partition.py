@@ -31,10 +31,11 @@ def emu() -> Iterator[Emulator]:
 
 
 @pytest.mark.timeout(90)
-def test_partition_times_out_backs_off_starves_the_watchdog_and_recovers(
+def test_partition_times_out_backs_off_keeps_the_watchdog_fed_and_recovers(
         tmp_path: Path, emu: Emulator) -> None:
-    """During a 12 s partition the daemon times out, retries with backoff and stops feeding
-    the watchdog; afterwards the same process delivers what queued up and pings again."""
+    """During a 12 s partition the daemon times out and retries with backoff; it is not
+    hung, so it keeps feeding the watchdog (a restart cannot end an outage); afterwards the
+    same process delivers what queued up."""
     notify = NotifyListener(tmp_path / "notify")
     config = write_config(tmp_path / "p.toml", emulator_sections(
         emu, tmp_path, vod={"request_timeout": REQUEST_TIMEOUT_S, "confirm_window": 5.0}),
@@ -59,9 +60,9 @@ def test_partition_times_out_backs_off_starves_the_watchdog_and_recovers(
         assert all(r["wait_s"] > 0 for r in timeouts)
         assert max(r["attempt"] for r in timeouts) >= 2
         assert len(timeouts) <= 2 * (in_partition / REQUEST_TIMEOUT_S + 1)
-        quiet_from = cut + 2 * WATCHDOG_USEC / 1e6 + 1.5
-        assert [t for t in notify.watchdog_times() if t > quiet_from] == [], \
-            "the watchdog was fed while no loop made progress"
+        late = cut + 2 * WATCHDOG_USEC / 1e6 + 1.5
+        assert [t for t in notify.watchdog_times() if t > late], \
+            "the watchdog starved during an API outage: systemd would kill a healthy daemon"
 
         emu.set_partition(False)
         healed = time.monotonic()
