@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from procpoll.errors import ConfigError, LedgerError, ProcpollError
 EX_OK = 0
 EX_DOCTOR_FAILED = 1
 EX_NOT_FOUND = 1
+EX_BROKEN_PIPE = 1  # what Python itself exits with after EPIPE
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
@@ -49,7 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
+        status = handler(args)
+        # Inside the try: a reader that went away (`| head -1`) shows up at this flush.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The Python docs' recipe: point stdout at devnull so the interpreter's own flush
+        # at exit does not raise again and print a traceback nobody asked for.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
     except ConfigUnreadable as exc:
         to_stderr(f"procpoll: {exc}")
         return EX_NOINPUT
@@ -72,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A bug: logged once with its traceback; 70 is a status systemd restarts on.
         log.exception("procpoll.crashed", command=args.command)
         return EX_SOFTWARE
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"procpoll {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND", dest="command")
 
-    run = sub.add_parser("run", help="run the daemon until SIGTERM")
+    run = sub.add_parser(
+        "run", help="run the daemon until SIGTERM",
+        description="Pull, deliver and confirm until SIGTERM or SIGINT; SIGHUP re-reads "
+                    "the config file and the credentials. This is what the systemd unit runs.")
     _config_arg(run)
     run.set_defaults(func=_cmd_run)
 
@@ -104,10 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", help="validate a config file and lint it (exit 0, 78 or 66)",
         description="Validate the config file (errors: exit 78), then warn about settings that "
-                    "parse but misbehave against VOD; print the effective config.")
+                    "parse but misbehave against VOD. Prints \"ok\" on stdout and the "
+                    "effective config, secrets masked, on stderr.")
     _config_arg(check)
     check.add_argument("--strict", action="store_true",
                        help="treat warnings as errors (exit 78)")
+    check.add_argument("--json", action="store_true",
+                       help="print the effective config on stdout as JSON (instead of \"ok\" "
+                            "on stdout and the summary on stderr)")
     check.set_defaults(func=_cmd_check)
 
     doctor = sub.add_parser(
@@ -130,8 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="seed of the event generator")
     demo.set_defaults(func=_cmd_demo)
 
-    emulate = sub.add_parser("emulate", help="serve a local VOD API emulator",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    emulate = sub.add_parser(
+        "emulate", help="serve a local VOD API emulator",
+        description="Serve a local Tencent Cloud VOD API emulator (PullEvents, ConfirmEvents) "
+                    "until SIGINT or SIGTERM, and print its credentials and a complete "
+                    "procpoll config that uses it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from procpoll.emulator import command as emulator_command  # noqa: PLC0415 -- keep run light
 
     emulator_command.configure_parser(emulate)
@@ -261,8 +283,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if findings and args.strict:
         to_stderr(f"procpoll: check --strict: {len(findings)} warning(s)")
         return EX_CONFIG
-    print("ok")
-    print(json.dumps(summary(config), indent=2, ensure_ascii=False))
+    text = json.dumps(summary(config), indent=2, ensure_ascii=False)
+    if args.json:
+        print(text)
+    else:
+        # stdout says only the verdict, for scripts; the summary is for the reader.
+        print("ok")
+        print(text, file=sys.stderr)
     return EX_OK
 
 
@@ -374,7 +401,16 @@ def summary(config: Config) -> dict[str, Any]:
     data: dict[str, Any] = plain(config)
     for sink in data["sinks"]:
         options = sink.get("options") or {}
-        for key in ("headers",):
-            if key in options:
-                options[key] = dict.fromkeys(options[key], "***")
+        if "headers" in options:
+            options["headers"] = {name: "***" if secret_like(name) else value
+                                  for name, value in options["headers"].items()}
     return data
+
+
+SECRET_HEADER_WORDS = ("auth", "token", "secret", "key", "signature", "cookie", "password")
+
+
+def secret_like(header: str) -> bool:
+    """Whether a header's value is masked in output: its name suggests a credential."""
+    name = header.lower()
+    return any(word in name for word in SECRET_HEADER_WORDS)

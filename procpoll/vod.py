@@ -161,6 +161,7 @@ class CredentialChain:
 
     def _resolve(self) -> Secrets:
         env = self._environ
+        _check_pair("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY", env)
         if env.get("TENCENTCLOUD_SECRET_ID") and env.get("TENCENTCLOUD_SECRET_KEY"):
             # The SDK's own env provider drops the session token; we do not.
             return _secrets(env["TENCENTCLOUD_SECRET_ID"], env["TENCENTCLOUD_SECRET_KEY"],
@@ -190,28 +191,42 @@ def _secrets(secret_id: str, secret_key: str, token: str | None, source: str) ->
     return Secrets(secret_id.strip(), secret_key.strip(), (token or "").strip() or None, source)
 
 
+def _check_pair(id_name: str, key_name: str, env: Mapping[str, str]) -> None:
+    """Half a pair in the environment is a mistake (a misspelt name): say which half is
+    missing instead of quietly using the next source or reporting nothing found."""
+    has_id, has_key = bool(env.get(id_name)), bool(env.get(key_name))
+    if has_id != has_key:
+        missing, present = (key_name, id_name) if has_id else (id_name, key_name)
+        raise ConfigError(f"{missing} is not set ({present} is): set both, or neither to use "
+                          "the next credential source")
+
+
 def _read_files(id_path: Path, key_path: Path, token_path: Path | None,
                 required: bool = False) -> tuple[str, str, str | None] | None:
-    try:
-        secret_id = id_path.read_text(encoding="utf-8")
-        secret_key = key_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    secret_id, secret_key = _read_secret(id_path), _read_secret(key_path)
+    if secret_id is None and secret_key is None:
         if required:
-            raise ConfigError(f"credential file missing: {id_path} or {key_path}") from None
+            raise ConfigError(f"credential file missing: {id_path} and {key_path}")
+        return None
+    if secret_id is None or secret_key is None:
+        missing, found = (id_path, key_path) if secret_id is None else (key_path, id_path)
+        raise ConfigError(f"credential file missing: {missing} ({found} is there: "
+                          "the secret id and the secret key go together)")
+    for path, value in ((id_path, secret_id), (key_path, secret_key)):
+        if not value.strip():
+            raise ConfigError(f"credential file empty: {path}")
+    token = _read_secret(token_path) if token_path is not None else None
+    return secret_id, secret_key, token
+
+
+def _read_secret(path: Path) -> str | None:
+    """A credential file's text; None when it does not exist, ConfigError if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"credential file unreadable: {exc}") from None
-    token = None
-    if token_path is not None:
-        try:
-            token = token_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            token = None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"credential file unreadable: {exc}") from None
-    if not secret_id.strip() or not secret_key.strip():
-        raise ConfigError(f"credential file empty: {id_path} or {key_path}")
-    return secret_id, secret_key, token
 
 
 def _read_profile(path: Path) -> tuple[str, str, str | None] | None:

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, *, stop: threading.Event | None = None) -> int
     stop = stop or threading.Event()
     previous = _on_signals(stop)
     try:
-        _announce(emulator, len(bodies), args.sub_app_id)
+        _announce(emulator, len(bodies), args.sub_app_id, args.confirm_window_s)
         while not stop.wait(1.0):
             pass
     finally:
@@ -191,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-def _announce(emulator: Emulator, queued: int, sub_app_id: int | None) -> None:
-    vod: dict[str, object] = {"endpoint": emulator.endpoint, "scheme": "http"}
-    if sub_app_id is not None:
-        vod["sub_app_ids"] = [sub_app_id]
-    snippet = ", ".join(f"{key} = {json.dumps(value)}" for key, value in vod.items())
+def _announce(emulator: Emulator, queued: int, sub_app_id: int | None,
+              confirm_window_s: float) -> None:
     env = {
         "TENCENTCLOUD_SECRET_ID": emulator.secret_id,
         "TENCENTCLOUD_SECRET_KEY": emulator.secret_key,
@@ -213,11 +210,31 @@ def _announce(emulator: Emulator, queued: int, sub_app_id: int | None) -> None:
     app = "default application" if sub_app_id is None else f"SubAppId {sub_app_id}"
     lines += [
         f"queued events: {queued} ({app})",
-        f"config: vod = {{ {snippet} }}",
         "env: " + " ".join(f"{name}={value}" for name, value in env.items()),
         f"stats: http://{emulator.endpoint}/_emulator/stats",
+        "",
+        config_text(emulator.endpoint, sub_app_id, confirm_window_s),
     ]
     print("\n".join(lines), flush=True)
+
+
+def config_text(endpoint: str, sub_app_id: int | None, confirm_window_s: float) -> str:
+    """A complete procpoll config for this emulator, to save as a file as printed.
+
+    Whole, not a `vod = {...}` line: pasted under config.example.toml's own [vod] table,
+    such a line redefines it and the file does not parse.
+    """
+    vod = [f"endpoint = {json.dumps(endpoint)}", 'scheme = "http"',
+           f"confirm_window = {confirm_window_s:g}"]
+    if sub_app_id:  # 0 is the default application: no sub_app_ids
+        vod.append(f"sub_app_ids = [{sub_app_id}]")
+    return "\n".join([
+        "# procpoll config for this emulator: save as procpoll-emulator.toml, set the env",
+        "# line above, then run: procpoll once --drain -c procpoll-emulator.toml",
+        "[vod]", *vod, "",
+        "[ledger]", 'path = "procpoll-emulator/ledger.sqlite3"', "",
+        "[[sinks]]", 'name = "events"', 'type = "file"', 'path = "procpoll-emulator/events.jsonl"',
+    ])
 
 
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None

@@ -56,9 +56,13 @@ def test_doctor_requires_a_config(capsys: pytest.CaptureFixture[str]) -> None:
 COMMANDS = ["check", "doctor", "run", "once"]
 
 
-def procpoll(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
-    """`python -m procpoll ARGS` in a child process, outside any journal."""
-    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+def procpoll(*args: str, env_extra: dict[str, str] | None = None,
+             **options: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m procpoll ARGS` in a child process, outside any journal and without VOD
+    credentials from the environment unless `env_extra` gives some."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "JOURNAL_STREAM" and not k.startswith("TENCENTCLOUD_")}
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "procpoll", *args], env=env, text=True,
                           capture_output=True, timeout=60, check=False, **options)
 
@@ -162,3 +166,110 @@ def test_check_does_not_import_the_sdk(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", probe, str(path)], text=True,
                             capture_output=True, timeout=60, check=False)
     assert result.stdout.splitlines()[-1] == "0 []"
+
+
+# --- check: what goes where -------------------------------------------------------------------
+
+def webhook_config(tmp_path: Path) -> Path:
+    path = tmp_path / "procpoll.toml"
+    path.write_text(f'[ledger]\npath = "{tmp_path / "l.sqlite3"}"\n[[sinks]]\nname = "w"\n'
+                    'type = "webhook"\nurl = "https://h.example/x"\n'
+                    'headers = { X-Tenant = "acme", Authorization = "Bearer tok-9f8e", '
+                    'X-Api-Key = "k-77", Cookie = "sid=c-55", X-Signature-Seed = "s-33" }\n',
+                    encoding="utf-8")
+    return path
+
+
+def test_check_prints_only_ok_on_stdout_and_the_summary_on_stderr(tmp_path: Path) -> None:
+    """Scripts read stdout: it is exactly "ok"; the effective config goes to stderr."""
+    result = procpoll("check", "-c", str(webhook_config(tmp_path)))
+    assert (result.returncode, result.stdout) == (cli.EX_OK, "ok\n")
+    assert json.loads(result.stderr)["sinks"][0]["name"] == "w"
+
+
+def test_check_json_prints_the_effective_config_on_stdout(tmp_path: Path) -> None:
+    """`check --json`: stdout is one JSON document, the effective config."""
+    result = procpoll("check", "--json", "-c", str(webhook_config(tmp_path)))
+    assert result.returncode == cli.EX_OK
+    assert json.loads(result.stdout)["ledger"]["path"] == str(tmp_path / "l.sqlite3")
+
+
+def test_check_summary_shows_plain_headers_and_masks_secret_like_ones(tmp_path: Path) -> None:
+    """Header values are shown unless the name looks like a credential (auth, token,
+    secret, key, signature, cookie, password, any case)."""
+    result = procpoll("check", "--json", "-c", str(webhook_config(tmp_path)))
+    headers = json.loads(result.stdout)["sinks"][0]["options"]["headers"]
+    assert headers == {"X-Tenant": "acme", "Authorization": "***", "X-Api-Key": "***",
+                       "Cookie": "***", "X-Signature-Seed": "***"}
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
+    """`procpoll check --json … | head -1`: the reader is gone before procpoll writes; it
+    ends quietly (exit 1, as Python does on EPIPE), nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "procpoll", "check", "--json", "-c",
+             str(webhook_config(tmp_path))],
+            env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            check=False)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (cli.EX_BROKEN_PIPE, "")
+
+
+# --- help --------------------------------------------------------------------------------------
+
+HELPED = [["run"], ["once"], ["check"], ["doctor"], ["demo"], ["emulate"], ["status"],
+          ["ledger"], ["ledger", "show"], ["ledger", "stats"], ["deadletter"],
+          ["deadletter", "list"], ["deadletter", "show"], ["deadletter", "replay"]]
+
+
+@pytest.mark.parametrize("words", HELPED, ids=" ".join)
+def test_every_sub_command_help_says_what_it_does(
+        words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Each `--help` starts with a description or usage of its own and exits 0."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*words, "--help"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: procpoll {' '.join(words)}")
+    description = out.split("\n\n")[1]
+    assert not description.startswith(("positional", "options")), out
+
+
+# --- credentials -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("present", "missing"), [
+    ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"),
+    ("TENCENTCLOUD_SECRET_KEY", "TENCENTCLOUD_SECRET_ID")])
+def test_half_a_credential_pair_in_the_environment_names_the_missing_half(
+        tmp_path: Path, present: str, missing: str) -> None:
+    """Only the ID (or only the key) in the environment: exit 78 saying which is not set,
+    not "no credentials found"."""
+    path = tmp_path / "procpoll.toml"
+    path.write_text(f'[ledger]\npath = "{tmp_path / "l.sqlite3"}"\n[credentials]\n'
+                    f'profile_file = "{tmp_path / "none"}"\n[[sinks]]\nname = "o"\n'
+                    'type = "stdout"\n', encoding="utf-8")
+    result = procpoll("once", "-c", str(path), env_extra={present: "AKIDhalf"})
+    assert result.returncode == cli.EX_CONFIG
+    assert f"{missing} is not set ({present} is)" in result.stderr
+
+
+@pytest.mark.parametrize("which", ["secret_id_file", "secret_key_file"])
+def test_a_missing_key_file_is_named(tmp_path: Path, which: str) -> None:
+    """[credentials] files: the one that does not exist is named, with the one found."""
+    from procpoll.config import CredentialsConfig  # noqa: PLC0415
+    from procpoll.errors import ConfigError  # noqa: PLC0415
+    from procpoll.vod import CredentialChain  # noqa: PLC0415
+
+    files = {"secret_id_file": tmp_path / "id", "secret_key_file": tmp_path / "key"}
+    other = next(p for name, p in files.items() if name != which)
+    other.write_text("value\n", encoding="utf-8")
+    chain = CredentialChain(CredentialsConfig(**files, profile_file=tmp_path / "none"), {})
+    with pytest.raises(ConfigError) as info:
+        chain.get()
+    assert str(info.value) == (f"credential file missing: {files[which]} ({other} is there: "
+                               "the secret id and the secret key go together)")

@@ -356,3 +356,32 @@ def test_deadletter_replay_of_a_named_unparsed_item_keeps_it(
     [junk] = (tmp_path / "dead").glob("*.unparsed.json")
     assert cli.main(["deadletter", "replay", junk.name, "-c", str(path)]) == cli.EX_TEMPFAIL
     assert junk.exists()
+
+
+# --- emulate ------------------------------------------------------------------------------------
+
+def test_emulate_prints_a_complete_config_that_drains_it(tmp_path: Path) -> None:
+    """What `procpoll emulate` prints after the blank line, saved as a file as is, is a
+    whole config ([vod], [ledger], a file sink): `once --drain` with the printed env
+    delivers every queued event."""
+    emulate = subprocess.Popen(
+        [sys.executable, "-m", "procpoll", "emulate", "--port", "0", "--events", "20",
+         "--confirm-window", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert emulate.stdout is not None
+        printed: list[str] = []
+        while not printed or printed[-1] != 'path = "procpoll-emulator/events.jsonl"':
+            line = emulate.stdout.readline()
+            assert line, f"emulate ended early: {printed}"
+            printed.append(line.rstrip("\n"))
+        env_line = next(line for line in printed if line.startswith("env: "))
+        env = dict(pair.split("=", 1) for pair in env_line[len("env: "):].split())
+        config = tmp_path / "procpoll-emulator.toml"
+        config.write_text("\n".join(printed[printed.index("") + 1:]) + "\n", encoding="utf-8")
+        result = procpoll("once", "--drain", "-c", str(config), env=env, cwd=tmp_path)
+        assert result.returncode == cli.EX_OK, result.stderr
+        events = tmp_path / "procpoll-emulator" / "events.jsonl"
+        assert len(events.read_text(encoding="utf-8").splitlines()) == 20
+    finally:
+        emulate.terminate()
+        emulate.communicate(timeout=10)
