@@ -28,6 +28,7 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 # sd-daemon priorities: journald files a stderr line that starts with "<N>" at priority N.

@@ -131,7 +131,7 @@ def test_once_with_refused_credentials_exits_77_without_backing_off(
                                                  "path": str(tmp_path / "archive.jsonl")}])
     env = {**emulator_env(emulator), "TENCENTCLOUD_SECRET_KEY": "wrong-key"}
     started = time.monotonic()
-    assert Daemon(config, environ=env).once(drain=True) == 77
+    assert Daemon(config, environ=env).once(drain=True) == cli.EX_NOPERM
     assert time.monotonic() - started < 10
     assert emulator.stats()["actions"]["PullEvents"]["calls"] == 1
 
