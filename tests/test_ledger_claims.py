@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from procpoll.ledger import (
     Outcome,
     delivery_id,
 )
+from tests.pg import fresh_schema_url
 
 MakeLedger = Callable[..., DeliveryLedger]
 
@@ -31,7 +33,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -40,19 +42,24 @@ def backend(request: pytest.FixtureRequest) -> str:
 def make_ledger(backend: str, tmp_path: Path) -> Iterator[MakeLedger]:
     """Opens ledgers on one fresh store (several opens = several processes sharing it)."""
     opened: list[DeliveryLedger] = []
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_schema_url()) if backend == "postgresql" else ""
 
-    def make(now: Callable[[], float] | None = None) -> DeliveryLedger:
-        if backend == "sqlite":
-            ledger: DeliveryLedger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400,
-                                            shared=True, **({"now": now} if now else {}))
-        else:  # pragma: no cover -- other backends add their branch here
-            raise AssertionError(backend)
-        opened.append(ledger)
-        return ledger
+        def make(now: Callable[[], float] | None = None) -> DeliveryLedger:
+            ledger: DeliveryLedger
+            if backend == "sqlite":
+                ledger = Ledger(tmp_path / "ledger.sqlite3", retention_s=86_400, shared=True,
+                                **({"now": now} if now else {}))
+            else:
+                from procpoll.ledger_pg import PostgresLedger  # noqa: PLC0415 -- optional
 
-    yield make
-    for ledger in opened:
-        ledger.close()
+                ledger = PostgresLedger(url, retention_s=86_400, now=now)
+            opened.append(ledger)
+            return ledger
+
+        yield make
+        for ledger in opened:
+            ledger.close()
 
 
 def req(did: str, owner: str, *sinks: str, lease_s: float = 30.0, ordering: str = "task:t",
