@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from procpoll.errors import ConfigError
 from procpoll.event_types import KNOWN_EVENT_TYPES, PROCEDURE_STATUSES, closest
@@ -50,10 +52,15 @@ class CredentialsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
-    """[ledger]: the delivery memory."""
+    """[ledger]: the delivery memory, a SQLite file (`path`) or a PostgreSQL server (`url`).
+
+    `url` is "" for SQLite (a sqlite:// URL sets `path`), else the postgresql:// URL.
+    """
 
     path: Path = Path("ledger.sqlite3")
     retention_s: float = 7 * DAY_S
+    url: str = ""
+    pool_size: int = 4  # PostgreSQL connections per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,12 +208,47 @@ def _credentials(t: Table) -> CredentialsConfig:
 
 
 def _ledger(t: Table) -> LedgerConfig:
+    path = t.file_path("path", default_ledger_path())
+    url = t.text("url", "").strip()
+    if url and t.has("path"):
+        t.bad("url", "give either ledger.url or ledger.path (the SQLite shorthand), not both")
+    elif url:
+        path, url = _ledger_url(t, url, path)
     ledger = LedgerConfig(
-        path=t.file_path("path", default_ledger_path()),
+        path=path,
         retention_s=t.seconds("retention", LedgerConfig().retention_s, low=60),
+        url=url,
+        pool_size=t.integer("pool_size", LedgerConfig().pool_size, low=1, high=100),
     )
     t.finish()
     return ledger
+
+
+def _ledger_url(t: Table, url: str, path: Path) -> tuple[Path, str]:
+    """(path, url) of a [ledger] url: a SQLite file's path with url "", or a PostgreSQL URL."""
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "sqlite" and rest:
+        return Path(rest), ""
+    if scheme not in ("postgresql", "postgres"):
+        got = f"scheme {scheme!r}" if rest else "no scheme"  # the URL may hold a password
+        t.bad("url", f"expected sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE, "
+                     f"got {got}")
+        return path, ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsing the port is the check: it raises when malformed
+    except ValueError as exc:
+        t.bad("url", f"malformed PostgreSQL URL: {exc}")
+        return path, ""
+    if not all(parse_qs(parts.query, keep_blank_values=True).get("schema", ())):
+        t.bad("url", "schema= needs a schema name")
+    missing = [name for name in ("psycopg", "psycopg_pool") if importlib.util.find_spec(name)
+               is None]
+    if missing:
+        t.bad("url", f"a PostgreSQL ledger needs {' and '.join(missing)}: "
+                     "pip install 'procpoll[postgresql]'")
+    return path, url
 
 
 def _daemon(t: Table) -> DaemonConfig:
