@@ -36,6 +36,7 @@ from tenacity import (
 )
 
 from procpoll import logs
+from procpoll.cli import EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
@@ -51,10 +52,6 @@ from procpoll.vod import CredentialChain, Pacer, Secrets, TencentVod, VodApi
 
 log = structlog.get_logger("procpoll.daemon")
 
-EX_OK = 0
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
 ONCE_PULL_ATTEMPTS = 3
 AUTH_BACKOFF_S = 60.0
 PULL_BACKOFF_MAX_S = 30.0
@@ -165,6 +162,8 @@ class Daemon:
         drained = self.confirmer.drain(self.config.vod.confirm_window_s)
         self.stop_event.set()
         self.dispatcher.close()
+        # A delivery still running finishes (and is recorded) within the grace, as at stop.
+        self.dispatcher.join(self.config.daemon.shutdown_grace_s)
         self._close()
         counters = self.dispatcher.counters
         log.info("daemon.once_done", **counters, confirmed=self.confirmer.confirmed,

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -34,8 +34,29 @@ from procpoll.deadletter import DeadLetter
 from procpoll.errors import LedgerError, SinkError
 from procpoll.events import Event
 from procpoll.heartbeat import Heartbeat
-from procpoll.ledger import Ledger, Outcome, SinkState, delivery_id
-from procpoll.sinks.base import Delivery, Sink, SinkConfig
+from procpoll.ledger import (
+    ClaimRequest,
+    ClaimResult,
+    DeliveryLedger,
+    Outcome,
+    SinkState,
+    delivery_id,
+)
+from procpoll.lint import sink_worst_case_s
+from procpoll.sinks.base import Delivery
+from procpoll.work import (
+    Policy,
+    Receipt,
+    Route,
+    UnresolvedTasks,
+    Work,
+    backoff_s,
+    close_sinks,
+    consumer_id,
+)
+
+__all__ = ["PULL_BATCH_MAX", "Dispatcher", "Policy", "Receipt", "Route", "Work", "backoff_s",
+           "close_sinks"]
 
 log = structlog.get_logger("procpoll.dispatch")
 
@@ -45,63 +66,15 @@ UNROUTED_TYPES_REMEMBERED = 256
 UNROUTED_TYPE_CHARS = 128
 LEDGER_CALL_LIMIT_S = 30.0
 """A ledger read or commit taking longer than this is a hang, for the watchdog."""
-_UNRESOLVED_PURGE_AT = 1024
+CLAIM_MARGIN_S = 5.0
+"""Lease time beyond the sinks' worst case: the ledger writes around the delivery."""
+CLAIM_POLL_S = 0.25
+"""How often a consumer waiting on another's claim looks at the ledger."""
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """One delivery of an event by VOD: its handle and the moment it stops being confirmable.
-
-    Once the event is complete, `event_key` and `occurrence` say which notification the
-    handle confirms, so the ledger can record that ConfirmEvents accepted it.
-    """
-
-    handle: str
-    sub_app_id: int | None
-    deadline: float
-    event_key: str | None = None
-    occurrence: int = 0
-
-
-@dataclass(slots=True)
-class Work:
-    """One event on its way to its sinks, with every handle VOD gave for it meanwhile."""
-
-    event: Event
-    sub_app_id: int | None
-    receipts: list[Receipt] = field(default_factory=list)
-    after: Work | None = None  # an earlier notification with an identical body, in memory
-    occurrence: int | None = None  # which occurrence of the key this is, once looked up
-
-    def latest_deadline(self) -> float:
-        """The deadline of the newest handle."""
-        return max(r.deadline for r in self.receipts)
-
-    def live(self, now: float) -> bool:
-        """Whether one of its handles can still be confirmed."""
-        return any(r.deadline > now for r in self.receipts)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A configured sink and its settings."""
-
-    config: SinkConfig
-    sink: Sink
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Dispatch settings taken from [daemon] (and the confirm window)."""
-
-    concurrency: int = 16
-    max_in_flight: int = 256
-    unrouted: str = "confirm"
-    max_age_s: float = 2 * 86_400.0
-    confirm_margin_s: float = 2.0
-    # How long a failed event blocks its task's later events without coming back: VOD
-    # redelivers it one confirm window after its pull, so two windows is generous.
-    unresolved_hold_s: float = 60.0
+def _attempts(states: dict[str, SinkState], route: Route) -> int:
+    state = states.get(route.config.name)
+    return state.attempts if state else 0
 
 
 @dataclass(slots=True)
@@ -115,19 +88,13 @@ class _Generation:
     retired: bool = False
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
-    """Exponential backoff with full jitter for the n-th retry (1-based)."""
-    ceiling = min(cap_s, base_s * (2 ** min(attempt - 1, 30)))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter, not cryptography
-
-
 class Dispatcher:
     """Runs sink deliveries on a bounded pool and hands completed work to `confirm`."""
 
     def __init__(
         self,
         routes: Sequence[Route],
-        ledger: Ledger,
+        ledger: DeliveryLedger,
         confirm: Callable[[Receipt, Event], None],
         *,
         policy: Policy,
@@ -137,6 +104,7 @@ class Dispatcher:
         wall_clock: Callable[[], float] = time.time,
         heartbeat: Heartbeat | None = None,
         on_delivery: Callable[[str, str, float | None], None] | None = None,
+        owner: str | None = None,
     ) -> None:
         self._gen = _Generation(list(routes), policy, dead_letter)
         self._ledger = ledger
@@ -146,18 +114,21 @@ class Dispatcher:
         self._wall_clock = wall_clock
         self._heartbeat = heartbeat
         self._on_delivery = on_delivery or (lambda _sink, _outcome, _s: None)
+        self._owner = owner or consumer_id()
+        self._sink_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._by_key: dict[tuple[int | None, str], list[Work]] = {}
         self._held = 0  # work items in memory
         self._lanes: dict[str, deque[Work]] = {}
         self._ready: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._unresolved: dict[str, dict[str, float]] = {}  # ordering key -> event key -> until
+        self._unresolved = UnresolvedTasks()
         self._failure_streak = 0
         self._unrouted_seen: set[str] = set()
         self._reserved = 0  # room held for pulls in progress (PULL_BATCH_MAX each)
         self._threads: list[threading.Thread] = []
         self.counters = {"delivered": 0, "failed": 0, "duplicates": 0, "dead": 0,
-                         "already_dead": 0, "deferred": 0, "unrouted": 0, "reattached": 0}
+                         "already_dead": 0, "deferred": 0, "unrouted": 0, "reattached": 0,
+                         "awaited": 0}
 
     @property
     def routes(self) -> list[Route]:
@@ -270,6 +241,10 @@ class Dispatcher:
         """Let idle workers exit; running deliveries finish on their own."""
         for _ in self._threads:
             self._ready.put(None)
+        with self._lock:
+            pool, self._sink_pool = self._sink_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the workers to exit; False if some are still delivering."""
@@ -333,7 +308,8 @@ class Dispatcher:
         if not wanted:
             self._unrouted(work, gen, bound)
             return
-        if self._deferred(work, bound):
+        # On a shared ledger the claim checks the task's order against every consumer.
+        if not self._ledger.shared and self._deferred(work, bound):
             return
         try:
             after = work.after.occurrence if work.after is not None else None
@@ -349,12 +325,9 @@ class Dispatcher:
                 self._resolve(work)
                 self._complete(work, bound)
                 return
-            done = True
-            for route in todo:
-                outcome = self._deliver(work, route, states.get(route.config.name), gen, bound)
-                with self._busy("ledger write", LEDGER_CALL_LIMIT_S):
-                    self._ledger.record([outcome])
-                done = done and (outcome.delivered or outcome.dead)
+            done = self._deliver_all(work, todo, states, gen, bound)
+            if done is None:
+                return  # deferred, or left to VOD while another consumer delivers
         except LedgerError as exc:
             bound.error("ledger.write_failed", error=str(exc))
             self._count("failed")
@@ -369,6 +342,115 @@ class Dispatcher:
             self._count("failed")
             self._unresolved_add(work, gen)
             bound.warning("event.not_confirmed", reason="a sink did not take the event")
+
+    def _deliver_all(self, work: Work, todo: list[Route], states: dict[str, SinkState],
+                     gen: _Generation,
+                     bound: structlog.typing.FilteringBoundLogger) -> bool | None:
+        """Deliver to the sinks still missing this occurrence; True when every one has it
+        (or set it aside), False when one failed, None when nothing more can be done now.
+
+        On a shared ledger each sink is claimed first: a sink another live consumer holds
+        is waited for, not delivered twice; its expired claim is taken over.
+        """
+        event = work.event
+        did = delivery_id(event.key, work.occurrence or 0)
+        pending = todo
+        done = True
+        while pending:
+            mine, held = pending, {}
+            if self._ledger.shared:
+                result = self._claim(did, pending, event.ordering_key, gen)
+                if result.blocked_by is not None:
+                    self._defer(work, result.blocked_by, bound)
+                    return None
+                mine = [r for r in pending if r.config.name in result.acquired]
+                held = dict(result.held)
+            outcomes = self._deliver_routes(work, mine, states, gen, bound)
+            if outcomes:
+                with self._busy("ledger write", LEDGER_CALL_LIMIT_S):
+                    self._ledger.record(outcomes)
+                done = done and all(o.delivered or o.dead for o in outcomes)
+            if not held:
+                break
+            waited = self._await_others(work, [r for r in pending if r.config.name in held],
+                                        held=held, before=states, gen=gen, bound=bound)
+            if waited is None:
+                return None
+            pending = waited
+        return done
+
+    def _claim(self, did: str, routes: list[Route], ordering_key: str,
+               gen: _Generation) -> ClaimResult:
+        # The lease covers the slowest sink's whole round (they run in parallel) and a
+        # margin for the ledger writes around it.
+        lease_s = max(sink_worst_case_s(r.config) for r in routes) + CLAIM_MARGIN_S
+        request = ClaimRequest(did, tuple(r.config.name for r in routes), self._owner, lease_s,
+                               ordering_key, gen.policy.unresolved_hold_s)
+        with self._busy("ledger claim", LEDGER_CALL_LIMIT_S):
+            return self._ledger.claim(request)
+
+    def _deliver_routes(self, work: Work, routes: list[Route], states: dict[str, SinkState],
+                        gen: _Generation,
+                        bound: structlog.typing.FilteringBoundLogger) -> list[Outcome]:
+        """One round per sink; several sinks of one event run in parallel, so their worst
+        cases do not add up inside the confirm window."""
+        if len(routes) <= 1:
+            return [self._deliver(work, r, states.get(r.config.name), gen, bound)
+                    for r in routes]
+        futures = [self._pool().submit(self._deliver, work, r, states.get(r.config.name), gen,
+                                       bound) for r in routes]
+        return [f.result() for f in futures]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._sink_pool is None:
+                self._sink_pool = ThreadPoolExecutor(
+                    max_workers=max(2, self._gen.policy.concurrency),
+                    thread_name_prefix="sink")
+            return self._sink_pool
+
+    def _await_others(self, work: Work, routes: list[Route], *,
+                      held: dict[str, tuple[str, float]], before: dict[str, SinkState],
+                      gen: _Generation,
+                      bound: structlog.typing.FilteringBoundLogger) -> list[Route] | None:
+        """Another consumer is delivering these sinks: wait for its outcome.
+
+        Returns the sinks to claim again (its lease expired, or it failed), [] when all
+        are done, None when the handle's window ends first (VOD redelivers the event).
+        """
+        event = work.event
+        self._count("awaited")
+        bound.info("event.claimed_elsewhere", sinks=sorted(held),
+                   owners=sorted({owner for owner, _ in held.values()}))
+        expires = {name: self._clock() + left for name, (_, left) in held.items()}
+        budget_end = work.latest_deadline() - gen.policy.confirm_margin_s
+        while True:
+            if self._stop.wait(CLAIM_POLL_S) or self._clock() >= budget_end:
+                bound.info("event.left_to_vod", sinks=sorted(held),
+                           reason="another consumer still holds the delivery; the event "
+                                  "comes back and is confirmed once it is recorded")
+                return None
+            with self._busy("ledger lookup", LEDGER_CALL_LIMIT_S):
+                states = self._ledger.states(event.key, work.occurrence or 0)
+            open_routes = [r for r in routes if not (r.config.name in states
+                                                     and states[r.config.name].done)]
+            if not open_routes:
+                for route in routes:
+                    self._on_delivery(route.config.name, "duplicate", None)
+                return []
+            now = self._clock()
+            # Its lease expired (the owner died), or it recorded a failed round.
+            retry = [r for r in open_routes if expires[r.config.name] <= now
+                     or _attempts(states, r) > _attempts(before, r)]
+            if retry:
+                return retry
+
+    def _defer(self, work: Work, blocker: str,
+               bound: structlog.typing.FilteringBoundLogger) -> None:
+        self._count("deferred")
+        bound.info("event.deferred", waiting_for=blocker,
+                   reason="an earlier event of this task is not delivered yet; this one "
+                          "stays unconfirmed and comes back after it")
 
     def _already_done(self, wanted: list[Route], states: dict[str, SinkState],
                       bound: structlog.typing.FilteringBoundLogger) -> None:
@@ -385,45 +467,18 @@ class Dispatcher:
 
     def _deferred(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> bool:
         """Whether an earlier event of the same task is unresolved: then this one waits."""
-        event = work.event
-        now = self._clock()
-        with self._lock:
-            pending = self._unresolved.get(event.ordering_key)
-            if not pending:
-                return False
-            for key in [k for k, until in pending.items() if until <= now]:
-                del pending[key]
-            blockers = [k for k in pending if k != event.key]
-            if not pending:
-                del self._unresolved[event.ordering_key]
-            if blockers:
-                self.counters["deferred"] += 1
-        if not blockers:
+        blocker = self._unresolved.blocker(work.event, self._clock())
+        if blocker is None:
             return False
-        bound.info("event.deferred", waiting_for=blockers[0],
-                   reason="an earlier event of this task is not delivered yet; this one "
-                          "stays unconfirmed and comes back after it")
+        self._defer(work, blocker, bound)
         return True
 
     def _unresolved_add(self, work: Work, gen: _Generation) -> None:
-        until = self._clock() + gen.policy.unresolved_hold_s
-        now = self._clock()
-        with self._lock:
-            if len(self._unresolved) >= _UNRESOLVED_PURGE_AT:
-                for ordering, pending in list(self._unresolved.items()):
-                    for key in [k for k, t in pending.items() if t <= now]:
-                        del pending[key]
-                    if not pending:
-                        del self._unresolved[ordering]
-            self._unresolved.setdefault(work.event.ordering_key, {})[work.event.key] = until
+        self._unresolved.add(work.event, self._clock() + gen.policy.unresolved_hold_s,
+                             self._clock())
 
     def _resolve(self, work: Work) -> None:
-        with self._lock:
-            pending = self._unresolved.get(work.event.ordering_key)
-            if pending is not None:
-                pending.pop(work.event.key, None)
-                if not pending:
-                    del self._unresolved[work.event.ordering_key]
+        self._unresolved.resolve(work.event)
 
     def _deliver(self, work: Work, route: Route, state: SinkState | None, gen: _Generation,
                  bound: structlog.typing.FilteringBoundLogger) -> Outcome:
@@ -449,7 +504,7 @@ class Dispatcher:
                 self._on_delivery(cfg.name, "delivered", elapsed)
                 bound.info("event.delivered", sink=cfg.name, attempt=attempt,
                            duration_ms=round(elapsed * 1000, 1))
-                return Outcome(did, cfg.name, delivered=True)
+                return Outcome(did, cfg.name, delivered=True, ordering_key=event.ordering_key)
             self._on_delivery(cfg.name, "failed", self._clock() - started)
             bound.warning("sink.failed", sink=cfg.name, attempt=attempt, error=error.reason,
                           retryable=error.retryable)
@@ -469,22 +524,26 @@ class Dispatcher:
         age_s = self._wall_clock() - state.first_seen if state else 0.0
         poison = rounds >= cfg.max_attempts or age_s >= gen.policy.max_age_s
         if not poison:
-            return Outcome(did, cfg.name, delivered=False, error=error.reason)
+            return Outcome(did, cfg.name, delivered=False, error=error.reason,
+                           ordering_key=event.ordering_key)
         if gen.dead_letter is None:
             bound.error("event.poison", sink=cfg.name, rounds=rounds, error=error.reason,
                         action="left in VOD: configure [dead_letter] directory to set it aside")
-            return Outcome(did, cfg.name, delivered=False, error=error.reason)
+            return Outcome(did, cfg.name, delivered=False, error=error.reason,
+                           ordering_key=event.ordering_key)
         try:
             path = gen.dead_letter.write(event, work.sub_app_id, sink=cfg.name,
                                          reason=error.reason, rounds=rounds, delivery_id=did)
         except OSError as exc:
             bound.error("deadletter.write_failed", sink=cfg.name, error=str(exc))
-            return Outcome(did, cfg.name, delivered=False, error=error.reason)
+            return Outcome(did, cfg.name, delivered=False, error=error.reason,
+                           ordering_key=event.ordering_key)
         self._count("dead")
         self._on_delivery(cfg.name, "dead", None)
         bound.error("event.dead_lettered", sink=cfg.name, rounds=rounds, path=str(path),
                     error=error.reason)
-        return Outcome(did, cfg.name, delivered=False, dead=True, error=error.reason)
+        return Outcome(did, cfg.name, delivered=False, dead=True, error=error.reason,
+                       ordering_key=event.ordering_key)
 
     def _unrouted(self, work: Work, gen: _Generation,
                   bound: structlog.typing.FilteringBoundLogger) -> None:
@@ -525,12 +584,3 @@ class Dispatcher:
     def _note(self, *, success: bool) -> None:
         with self._lock:
             self._failure_streak = 0 if success else min(self._failure_streak + 1, 30)
-
-
-def close_sinks(routes: Sequence[Route]) -> None:
-    """Close each sink; a failure to close one does not stop the others."""
-    for route in routes:
-        try:
-            route.sink.close()
-        except Exception:  # closing one sink must not stop the others
-            log.exception("sink.close_failed", sink=route.config.name)

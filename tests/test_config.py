@@ -154,9 +154,13 @@ def test_check_summary_masks_webhook_secrets(tmp_path: Path,
                     f'secret = "{secret}"\nheaders = {{ Authorization = "Bearer tok-9f8e" }}\n',
                     encoding="utf-8")
     assert main(["check", "-c", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" not in out
-    assert "tok-9f8e" not in out
+    human = capsys.readouterr()
+    assert main(["check", "--json", "-c", str(path)]) == 0
+    data = capsys.readouterr()
+    for text in (human.out, human.err, data.out):
+        assert "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" not in text
+        assert "tok-9f8e" not in text
+    assert '"w"' in data.out  # the summary is there, masked
 
 
 def test_config_is_frozen() -> None:
