@@ -54,11 +54,9 @@ def _sink_budgets(config: Config) -> Iterable[Finding]:
     window = (f"{_s(budget)} before its confirm deadline (vod.confirm_window "
               f"{_s(config.vod.confirm_window_s)} - daemon.confirm_margin "
               f"{_s(config.daemon.confirm_margin_s)})")
-    fitting: list[tuple[int, SinkConfig]] = []
     for index, sink in enumerate(config.sinks):
         worst = sink_worst_case_s(sink)
         if worst <= budget:
-            fitting.append((index, sink))
             continue
         attempts = sink.retries + 1
         yield Finding(
@@ -68,16 +66,6 @@ def _sink_budgets(config: Config) -> Iterable[Finding]:
             f"{_s(worst - sink.timeout_s * attempts)} backoff) but an event has {window}: "
             "later retries are cut short and the event waits for VOD to redeliver it; "
             "lower timeout or retries")
-    # The sinks an event goes to run one after another: their worst cases add up.
-    group = _largest_shared_group(fitting)
-    total = sum(sink_worst_case_s(sink) for _, sink in group)
-    if len(group) > 1 and total > budget:
-        names = ", ".join(repr(sink.name) for _, sink in group)
-        yield Finding(
-            "sinks",
-            f"sinks {names} can all want the same event and are called one after another: "
-            f"together they may need {_s(total)} but an event has {window}; "
-            "narrow their events filters or lower their timeouts")
 
 
 def _unknown_event_types(config: Config) -> Iterable[Finding]:
@@ -109,20 +97,6 @@ def _unrouted(config: Config) -> Iterable[Finding]:
             f"type{'s' if len(missed) > 1 else ''}: {', '.join(missed)}; if VOD sends any "
             "of them they are gone. Add a sink without an events filter (e.g. a file sink) "
             "to keep them, or ignore this if the application never emits them")
-
-
-def _largest_shared_group(sinks: list[tuple[int, SinkConfig]]) -> list[tuple[int, SinkConfig]]:
-    """The sinks that may all receive one event type, choosing the type with the worst total."""
-    named = {t for _, sink in sinks for t in (sink.events or ())}
-    best: list[tuple[int, SinkConfig]] = []
-    best_total = 0.0
-    # "" stands for any event type no filter names: it reaches only unfiltered sinks.
-    for event_type in [*sorted(named), ""]:
-        group = [(i, s) for i, s in sinks if s.events is None or event_type in s.events]
-        total = sum(sink_worst_case_s(s) for _, s in group)
-        if total > best_total:
-            best, best_total = group, total
-    return best
 
 
 def _ledger(config: Config, mounts: str | None) -> Iterable[Finding]:
