@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from procpoll.errors import LedgerError
-from procpoll.ledger import ClaimRequest, Confirmation, Outcome
+from procpoll.ledger import ClaimRequest, Confirmation, Ledger, Outcome
 from tests.conftest import wait_for
 from tests.pg import execute, fresh_schema_url, require_postgres
 
 try:
     import psycopg
 
+    from procpoll.ledger_copy import copy_ledger
     from procpoll.ledger_pg import SCHEMA_VERSION, PostgresLedger, masked_url, split_url
 except ImportError:  # without the optional dependency: skip (fail when CI requires it)
     require_postgres()
@@ -198,6 +199,72 @@ def test_unanswering_server_times_out_with_ledger_error(tmp_path: Path) -> None:
             PostgresLedger(f"postgresql://postgres:pw@127.0.0.1:{port}/test", retention_s=3600)
         assert time.monotonic() - started < 15
     assert "pw" not in str(raised.value)
+
+
+def dump(url: str) -> list[list[tuple[object, ...]]]:
+    """Every row of the PostgreSQL ledger at `url`, sorted."""
+    with psycopg.connect(split_url(url)[0]) as conn:
+        schema = schema_of(url)
+        return [sorted(conn.execute(f'SELECT * FROM "{schema}".{table}').fetchall())
+                for table in ("procpoll_deliveries", "procpoll_confirmations")]
+
+
+def test_copy_from_sqlite_is_complete_and_idempotent(pg_url: str, tmp_path: Path) -> None:
+    """Copying a SQLite ledger (in batches) brings every row over; a second run changes
+    nothing; a copied delivery is a duplicate for the PostgreSQL ledger, a copied
+    confirmation makes the next handle a new occurrence."""
+    sqlite = Ledger(tmp_path / "l.sqlite3", retention_s=3600)
+    sqlite.record([Outcome(f"k{i}", "s", delivered=True, ordering_key=f"task:{i}")
+                   for i in range(5)], [Confirmation("k0", 0)])
+    sqlite.record([Outcome("failing", "s", delivered=False, error="HTTP 503",
+                           ordering_key="task:f")] * 2)
+    sqlite.record([Outcome("dead", "s", delivered=False, dead=True, error="x")])
+    sqlite.close()
+    source = f"sqlite://{tmp_path}/l.sqlite3"
+
+    first = copy_ledger(source, pg_url, retention_s=3600, batch_rows=2)
+    assert first == {"deliveries": 7, "deliveries_written": 7,
+                     "confirmations": 1, "confirmations_written": 1}
+    rows = dump(pg_url)
+    second = copy_ledger(source, pg_url, retention_s=3600, batch_rows=2)
+    assert second == {"deliveries": 7, "deliveries_written": 0,
+                      "confirmations": 1, "confirmations_written": 0}
+    assert dump(pg_url) == rows
+
+    ledger = PostgresLedger(pg_url, retention_s=3600)
+    assert ledger.claim(ClaimRequest("k3", ("s",), "A", 30.0, "task:3", 60.0)).done == ("s",)
+    assert ledger.lookup("k0") == (1, {})
+    assert ledger.states("failing")["s"].attempts == 2
+    assert ledger.counts() == {"delivered": 5, "dead": 1, "failing": 1}
+    ledger.close()
+
+
+def test_copy_merges_into_a_ledger_in_use(pg_url: str, tmp_path: Path) -> None:
+    """A target that already has the row keeps what says more: the source's delivery
+    marks a failing target row delivered, the larger attempt count wins."""
+    target = PostgresLedger(pg_url, retention_s=3600)
+    target.record([Outcome("k", "s", delivered=False, error="x")] * 3)
+    sqlite = Ledger(tmp_path / "l.sqlite3", retention_s=3600)
+    sqlite.record([Outcome("k", "s", delivered=True)])
+    sqlite.close()
+    copied = copy_ledger(str(tmp_path / "l.sqlite3"), pg_url, retention_s=3600)
+    assert copied["deliveries_written"] == 1
+    state = target.states("k")["s"]
+    assert (state.delivered, state.attempts) == (True, 3)
+    target.close()
+
+
+def test_copy_back_to_sqlite(pg_url: str, tmp_path: Path) -> None:
+    """The copy runs the other way too: PostgreSQL rows land in a new SQLite ledger."""
+    source = PostgresLedger(pg_url, retention_s=3600)
+    source.record([Outcome("k", "s", delivered=True)], [Confirmation("k", 0)])
+    source.close()
+    copied = copy_ledger(pg_url, f"sqlite://{tmp_path}/back.sqlite3", retention_s=3600)
+    assert copied["deliveries_written"] == 1 and copied["confirmations_written"] == 1
+    back = Ledger(tmp_path / "back.sqlite3", retention_s=3600)
+    assert back.lookup("k") == (1, {})
+    assert back.counts() == {"delivered": 1, "dead": 0, "failing": 0}
+    back.close()
 
 
 @pytest.mark.slow
