@@ -74,6 +74,7 @@ class DaemonConfig:
     max_age_s: float = 2 * DAY_S
     confirm_margin_s: float = 2.0
     shutdown_grace_s: float = 10.0
+    processes: int = 1  # consumer processes under one supervisor ("auto" = the cores)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,9 +262,18 @@ def _daemon(t: Table) -> DaemonConfig:
         max_age_s=t.seconds("max_age", d.max_age_s, low=1),
         confirm_margin_s=t.seconds("confirm_margin", d.confirm_margin_s, high=20),
         shutdown_grace_s=t.seconds("shutdown_grace", d.shutdown_grace_s, high=600),
+        processes=_processes(t, d.processes),
     )
     t.finish()
     return daemon
+
+
+def _processes(t: Table, default: int) -> int:
+    """[daemon] processes: a count, or "auto" for the machine's cores."""
+    if t.has("processes") and t.claim("processes", None) == "auto":
+        return os.cpu_count() or 1
+    value: int = t.integer("processes", default, low=1, high=256)
+    return value
 
 
 def _log(t: Table) -> LogConfig:

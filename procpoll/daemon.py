@@ -40,11 +40,20 @@ from procpoll.cli import EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
-from procpoll.dispatch import PULL_BATCH_MAX, Dispatcher, Policy, Receipt, Route, close_sinks
+from procpoll.dispatch import (
+    PULL_BATCH_MAX,
+    Dispatcher,
+    Policy,
+    Receipt,
+    Route,
+    backoff_s,
+    close_sinks,
+)
 from procpoll.errors import ApiError, AuthError, ConfigError, EventParseError, LedgerError
 from procpoll.events import parse_event
 from procpoll.heartbeat import Heartbeat
-from procpoll.ledger import Confirmation, Ledger
+from procpoll.ledger import Confirmation, DeliveryLedger
+from procpoll.ledger_open import open_ledger
 from procpoll.metrics import Metrics
 from procpoll.sinks import build_sink
 from procpoll.systemd import Notifier, watchdog_interval_s
@@ -57,6 +66,7 @@ AUTH_BACKOFF_S = 60.0
 PULL_BACKOFF_MAX_S = 30.0
 PRUNE_EVERY_S = 3600.0
 PRUNE_RETRY_S = 300.0
+METRICS_LISTEN_ENV = "PROCPOLL_METRICS_LISTEN"
 STATUS_EVERY_S = 5.0
 CREDENTIALS_CHECK_S = 1.0
 
@@ -71,7 +81,7 @@ class Daemon:
     def __init__(self, config: Config, *, client_factory: Callable[[], VodApi] | None = None,
                  environ: dict[str, str] | None = None, notifier: Notifier | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, shared_ledger: bool = False) -> None:
         self.config = config
         self.credentials = CredentialChain(config.credentials, environ)
         self._factory = client_factory or (lambda: TencentVod(config.vod, self.credentials))
@@ -89,8 +99,11 @@ class Daemon:
         self.apps: list[int | None] = list(config.vod.sub_app_ids) or [None]
         self.metrics = Metrics()
         self.metrics.declare(self.apps, [sink.name for sink in config.sinks])
-        self.ledger = Ledger(config.ledger.path, retention_s=config.ledger.retention_s,
-                             on_commit=self.metrics.ledger_commit)
+        # Shared: other processes deliver from this ledger too (a PostgreSQL ledger always
+        # is), so every delivery is claimed first.
+        self.ledger: DeliveryLedger = open_ledger(config, shared=shared_ledger,
+                                                  on_commit=self.metrics.ledger_commit)
+        self._ledger_suspect = False
         self._config_path = config_path
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
@@ -107,7 +120,8 @@ class Daemon:
             lambda receipt, _event: self.confirmer.submit(receipt),
             policy=self._policy(config), dead_letter=self._dead_letter(config),
             stop=self.stop_event, clock=clock, heartbeat=self.heartbeat,
-            on_delivery=self._on_delivery)
+            on_delivery=self._on_delivery, on_ledger_error=self._ledger_failed)
+        self._ledger_failures_in_row = 0
         self.metrics.track(lambda: self.dispatcher.in_flight, self._oldest_unconfirmed_s)
         self.ledger_failures = 0
         self._pullers: list[threading.Thread] = []
@@ -120,9 +134,13 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._install_signals()
-        if self.config.metrics.listen:
-            self.metrics.serve(self.config.metrics.listen)
-            log.info("metrics.serving", listen=self.config.metrics.listen, port=self.metrics.port)
+        # A supervisor's worker serves on a port of its own choosing (METRICS_LISTEN_ENV)
+        # and tells the supervisor which, so one endpoint can sum up the whole service.
+        listen = os.environ.get(METRICS_LISTEN_ENV) or self.config.metrics.listen
+        if listen:
+            self.metrics.serve(listen)
+            log.info("metrics.serving", listen=listen, port=self.metrics.port)
+            self._notifier.send(x_procpoll_metrics_port=self.metrics.port)
         self._announce()
         self.dispatcher.start()
         self.confirmer.start()
@@ -258,6 +276,7 @@ class Daemon:
             self.ledger.record_confirmed(done)
         except LedgerError as exc:
             self.ledger_failures += 1
+            self._ledger_failed()
             log.error("ledger.write_failed", error=str(exc), confirmations=len(done),
                       consequence="an identical notification arriving later may be taken "
                                   "for a redelivery of these")
@@ -272,7 +291,7 @@ class Daemon:
         log.info("daemon.started", pid=os.getpid(), credentials=secrets.source,
                  endpoint=self.config.vod.endpoint, sub_app_ids=[a or 0 for a in self.apps],
                  sinks=[r.config.name for r in self.dispatcher.routes],
-                 ledger=str(self.config.ledger.path))
+                 ledger=self.ledger.name, shared_ledger=self.ledger.shared)
         self._prune()
 
     def _prune(self) -> bool:
@@ -431,8 +450,34 @@ class Daemon:
                 log.exception("pull.crashed", sub_app_id=app)
                 self.stop_event.wait(5.0)
 
+    def _ledger_failed(self) -> None:
+        """A ledger call failed: pulling pauses until the ledger answers again."""
+        self._ledger_suspect = True
+
+    def _ledger_answers(self, app: int | None) -> bool:
+        """Never pull what cannot be recorded: while the ledger is failing, probe it with
+        backoff instead of pulling; True once it answers again."""
+        if not self._ledger_suspect:
+            return True
+        try:
+            with self.heartbeat.busy("ledger ping", 30.0):
+                self.ledger.ping()
+        except LedgerError as exc:
+            self._ledger_failures_in_row += 1
+            wait_s = backoff_s(self._ledger_failures_in_row, 0.5, PULL_BACKOFF_MAX_S)
+            log.error("ledger.unavailable", sub_app_id=app, error=str(exc),
+                      action="not pulling", retry_in_s=round(wait_s, 2))
+            self.stop_event.wait(wait_s)
+            return False
+        log.info("ledger.recovered", after_failures=self._ledger_failures_in_row)
+        self._ledger_suspect = False
+        self._ledger_failures_in_row = 0
+        return True
+
     def _pull_once(self, api: VodApi, app: int | None) -> bool:
         """One iteration of a pull loop; False when the daemon is stopping."""
+        if not self._ledger_answers(app):
+            return not self.stop_event.is_set()
         if not self.dispatcher.wait_capacity(1.0):
             return True
         try:

@@ -105,6 +105,7 @@ class Dispatcher:
         heartbeat: Heartbeat | None = None,
         on_delivery: Callable[[str, str, float | None], None] | None = None,
         owner: str | None = None,
+        on_ledger_error: Callable[[], None] | None = None,
     ) -> None:
         self._gen = _Generation(list(routes), policy, dead_letter)
         self._ledger = ledger
@@ -115,6 +116,7 @@ class Dispatcher:
         self._heartbeat = heartbeat
         self._on_delivery = on_delivery or (lambda _sink, _outcome, _s: None)
         self._owner = owner or consumer_id()
+        self._on_ledger_error = on_ledger_error or (lambda: None)
         self._sink_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._by_key: dict[tuple[int | None, str], list[Work]] = {}
@@ -330,6 +332,7 @@ class Dispatcher:
                 return  # deferred, or left to VOD while another consumer delivers
         except LedgerError as exc:
             bound.error("ledger.write_failed", error=str(exc))
+            self._on_ledger_error()
             self._count("failed")
             self._unresolved_add(work, gen)
             self._note(success=False)
