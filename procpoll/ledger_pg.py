@@ -38,6 +38,12 @@ POOL_TIMEOUT_S = 5.0  # longest wait for a pooled connection before LedgerError
 
 Connection = psycopg.Connection[TupleRow]
 
+# A server gone silent mid-call (host down, network cut) would otherwise hold the call for
+# the kernel's TCP retry time (minutes): unacknowledged data fails after 15 s, an idle
+# connection is probed after 10 s.
+_DEAD_PEER_OPTIONS = {"tcp_user_timeout": 15_000, "keepalives": 1, "keepalives_idle": 10,
+                      "keepalives_interval": 5, "keepalives_count": 3}
+
 # Serializes schema creation between processes starting together (CREATE ... IF NOT
 # EXISTS is not safe against a concurrent CREATE of the same name in PostgreSQL).
 _SCHEMA_LOCK = "procpoll_schema"
@@ -175,7 +181,8 @@ class PostgresLedger:
         self._now = now
         self._on_commit = on_commit
         conninfo, self._schema = split_url(url)
-        options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True}
+        options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True,
+                                   **_DEAD_PEER_OPTIONS}
         try:
             with psycopg.connect(conninfo, **options) as conn:
                 _create_schema(conn, self._schema, self.name)
