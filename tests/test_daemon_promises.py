@@ -154,3 +154,44 @@ def test_dead_lettered_events_are_not_counted_as_duplicates(
     done = next(line for line in log_lines() if line["event"] == "daemon.once_done")
     assert (done["dead"], done["duplicates"], done["confirmed"]) == (1, 0, 1)
     assert wait_for(lambda: emulator.stats()["confirmed"] == 1, 5)
+
+
+def test_pulling_stops_while_the_ledger_fails_and_resumes_when_it_answers(
+        tmp_path: Path, emulator: Emulator, log_lines: Callable[[], list[dict[str, Any]]],
+        run_daemon: Callable[[Config, dict[str, str]], Daemon]) -> None:
+    """A ledger write fails (a database outage): nothing is confirmed, the pull loops stop
+    pulling and probe the ledger with backoff instead; once it answers, the same process
+    pulls again and the event is delivered and confirmed."""
+    from tests.test_daemon import pull_calls  # noqa: PLC0415
+
+    down = threading.Event()
+    down.set()
+    config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
+    daemon = run_daemon(config, emulator_env(emulator))
+    ledger = daemon.ledger
+    real_record, real_ping = ledger.record, ledger.ping
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        if down.is_set():
+            raise LedgerError("ledger: write failed: server closed the connection")
+        real_record(*args, **kwargs)
+
+    def ping() -> None:
+        if down.is_set():
+            raise LedgerError("ledger: read failed: connection refused")
+        real_ping()
+
+    ledger.record = record  # type: ignore[method-assign]
+    ledger.ping = ping  # type: ignore[method-assign]
+    emulator.enqueue([task_event("t-outage")])
+    assert wait_for(lambda: any(r["event"] == "ledger.unavailable" for r in log_lines()), 10)
+    # Pull loops already past their check finish that one pull (held up to 0.3 s): then
+    # every loop is probing the ledger, and nothing more is pulled.
+    wait_for(lambda: False, 1.0)
+    pulls = pull_calls(emulator)
+    assert not wait_for(lambda: pull_calls(emulator) > pulls, 1.5), "pulled while failing"
+    assert emulator.stats()["confirmed"] == 0
+    down.clear()
+    assert emulator.wait_drained(20)
+    assert any(r["event"] == "ledger.recovered" for r in log_lines())
+    assert len(lines(tmp_path / "archive.jsonl")) >= 1
