@@ -188,6 +188,19 @@ def _ledger_parser(sub: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON document")
     show.set_defaults(func=_cmd_ledger_show)
     stats.set_defaults(func=_cmd_ledger_stats)
+    copy = commands.add_parser(
+        "copy", help="copy every row of one ledger into another (SQLite to PostgreSQL)",
+        description="Copy the deliveries and confirmations of one ledger into another, e.g. "
+                    "an existing SQLite ledger into the PostgreSQL one several hosts will "
+                    "share, so the move does not redeliver a week of events. Idempotent: a "
+                    "second run writes nothing. Stop the daemons of the source first.")
+    copy.add_argument("--from", dest="source", required=True, metavar="URL",
+                      help="sqlite:///PATH, a file path, or postgresql://…")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL",
+                      help="sqlite:///PATH, a file path, or postgresql://…")
+    copy.add_argument("--retention", type=float, default=7 * 86_400.0, metavar="SECONDS",
+                      help="rows first seen longer ago than this are not copied")
+    copy.set_defaults(func=_cmd_ledger_copy)
 
 
 def _deadletter_parser(sub: Any) -> None:
@@ -248,10 +261,18 @@ def _load(path: Path) -> Config:
                                f"{exc.strerror or exc}") from None
 
 
-def _start(args: argparse.Namespace) -> tuple[Config, instance_lock.InstanceLock]:
+WORKER_ENV = "PROCPOLL_WORKER"
+"""Set by the supervisor in each consumer process it starts (the worker's number)."""
+
+
+def _start(args: argparse.Namespace) -> tuple[Config, instance_lock.InstanceLock | None]:
     config = _load(args.config)
-    # Before the daemon opens the ledger; never released: process exit drops it.
-    lock = instance_lock.acquire(config.ledger.path)
+    lock = None
+    # One procpoll (or one supervisor) per SQLite file: its workers share the lock's
+    # protection; a PostgreSQL ledger is made for many consumers and needs none. Taken
+    # before the daemon opens the ledger; never released: process exit drops it.
+    if not config.ledger.url and not os.environ.get(WORKER_ENV):
+        lock = instance_lock.acquire(config.ledger.path)
     logs.configure(config.log.level, config.log.format)
     logs.log_thread_crashes()
     return config, lock
@@ -261,7 +282,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from procpoll.daemon import Daemon  # noqa: PLC0415 -- `check` must not import the SDK
 
     config, _lock = _start(args)
-    return Daemon(config, config_path=args.config).run()
+    worker = os.environ.get(WORKER_ENV)
+    if config.daemon.processes > 1 and not worker:
+        from procpoll.supervisor import Supervisor  # noqa: PLC0415 -- only with processes > 1
+
+        return Supervisor(config, args.config).run()
+    shared = bool(worker) or bool(config.ledger.url)
+    return Daemon(config, config_path=args.config, shared_ledger=shared).run()
 
 
 def _cmd_once(args: argparse.Namespace) -> int:
@@ -309,10 +336,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.events, seed=args.seed)
 
 
+def _sqlite_ledger_path(config: Config) -> Path:
+    if config.ledger.url:
+        raise ConfigError(f"{config.source}: ledger.url: `procpoll ledger show|stats` read a "
+                          "SQLite ledger; for PostgreSQL query the procpoll_deliveries and "
+                          "procpoll_confirmations tables")
+    return config.ledger.path
+
+
+def _cmd_ledger_copy(args: argparse.Namespace) -> int:
+    from procpoll.ledger_copy import copy_ledger  # noqa: PLC0415 -- only `ledger copy`
+
+    counts = copy_ledger(args.source, args.target, retention_s=args.retention)
+    print(json.dumps(counts))
+    return EX_OK
+
+
 def _cmd_ledger_show(args: argparse.Namespace) -> int:
     from procpoll import ledger_ops  # noqa: PLC0415 -- only `ledger` needs it
 
-    record = ledger_ops.show(_load(args.config).ledger.path, args.key)
+    record = ledger_ops.show(_sqlite_ledger_path(_load(args.config)), args.key)
     ledger_ops.print_show(record, sys.stdout, as_json=args.json)
     return EX_OK if record["deliveries"] or record["confirmations"] else EX_NOT_FOUND
 
@@ -320,7 +363,7 @@ def _cmd_ledger_show(args: argparse.Namespace) -> int:
 def _cmd_ledger_stats(args: argparse.Namespace) -> int:
     from procpoll import ledger_ops  # noqa: PLC0415 -- only `ledger` needs it
 
-    ledger_ops.print_stats(ledger_ops.stats(_load(args.config).ledger.path), sys.stdout,
+    ledger_ops.print_stats(ledger_ops.stats(_sqlite_ledger_path(_load(args.config))), sys.stdout,
                            as_json=args.json)
     return EX_OK
 

@@ -314,7 +314,8 @@ def _sinks(top: Table, problems: Problems, ledger: LedgerConfig,
         top.bad("sinks", _no_sinks(daemon.unrouted))
     sinks: list[SinkConfig] = []
     names: set[str] = set()
-    writers: dict[Path, str] = {_resolved(ledger.path): "the ledger (ledger.path)"}
+    writers: dict[Path, str] = {} if ledger.url else {
+        _resolved(ledger.path): "the ledger (ledger.path)"}
     for index, item in enumerate(raw):
         t = Table(item, f"sinks[{index}]", problems)
         sink = _sink(t)

@@ -140,7 +140,8 @@ class Daemon:
         if listen:
             self.metrics.serve(listen)
             log.info("metrics.serving", listen=listen, port=self.metrics.port)
-            self._notifier.send(x_procpoll_metrics_port=self.metrics.port)
+            if self.metrics.port is not None:
+                self._notifier.send(x_procpoll_metrics_port=self.metrics.port)
         self._announce()
         self.dispatcher.start()
         self.confirmer.start()

@@ -18,7 +18,8 @@ from procpoll.config import Config
 from procpoll.dispatch import backoff_s
 from procpoll.errors import ConfigError, EventParseError, LedgerError, SinkError
 from procpoll.events import Event, parse_callback_body
-from procpoll.ledger import Ledger, Outcome
+from procpoll.ledger import DeliveryLedger, Outcome
+from procpoll.ledger_open import open_ledger
 from procpoll.sinks import Sink, SinkConfig, build_sink
 from procpoll.sinks.base import Delivery
 
@@ -125,7 +126,7 @@ class Replayer:
             raise ConfigError(f"{config.source}: --sink {sink_override!r}: no such sink; "
                               f"configured: {', '.join(self._sinks_by_name)}")
         self._built: dict[str, Sink] = {}
-        self._ledger: Ledger | None = None
+        self._ledger: DeliveryLedger | None = None
 
     def replay(self, paths: Iterable[Path]) -> list[ReplayResult]:
         """Replay each file in turn; sinks and the ledger are closed at the end."""
@@ -197,10 +198,10 @@ class Replayer:
                 return error.reason
             self._sleep(backoff_s(attempt, cfg.backoff_s, cfg.backoff_max_s))
 
-    def _ledger_open(self) -> Ledger:
+    def _ledger_open(self) -> DeliveryLedger:
         if self._ledger is None:
-            ledger = self._config.ledger
-            self._ledger = Ledger(ledger.path, retention_s=ledger.retention_s)
+            # Shared: the daemon may be running on the same ledger.
+            self._ledger = open_ledger(self._config, shared=True)
         return self._ledger
 
 

@@ -22,7 +22,8 @@ from urllib.parse import SplitResult, urlsplit
 import requests
 
 from procpoll.config import Config
-from procpoll.errors import ApiError, AuthError, ConfigError, TransientApiError
+from procpoll.errors import ApiError, AuthError, ConfigError, LedgerError, TransientApiError
+from procpoll.ledger_open import open_ledger
 from procpoll.sinks.base import SinkConfig
 from procpoll.vod import CredentialChain, Secrets, TencentVod, VodApi
 
@@ -222,6 +223,8 @@ class Doctor:
         return _ok(name, f"{found} is executable")
 
     def _ledger(self) -> Check:
+        if self.config.ledger.url:
+            return _server_ledger_check(self.config)
         path = self.config.ledger.path
         if not path.exists():
             return _writable_check("ledger", path, directory=False, key="ledger.path")
@@ -293,6 +296,22 @@ def _api_advice(exc: ApiError, endpoint: str, app: int | None) -> str:
         return (f"sub-app {app} is not an application of this account: check [vod] "
                 "sub_app_ids against the VOD console (Application management)")
     return f"VOD answered {exc.code}: see its message above"
+
+
+def _server_ledger_check(config: Config) -> Check:
+    """A PostgreSQL ledger: it opens (schema created or checked) and answers."""
+    try:
+        ledger = open_ledger(config, shared=True)
+    except (LedgerError, ConfigError) as exc:
+        return _fail("ledger", str(exc), "check [ledger] url, the server, the role's rights "
+                     "(CREATE in the database) and pip install 'procpoll[postgresql]'")
+    try:
+        ledger.ping()
+    except LedgerError as exc:
+        return _fail("ledger", str(exc), "check that the PostgreSQL server answers")
+    finally:
+        ledger.close()
+    return _ok("ledger", f"{ledger.name} answers")
 
 
 def _writable_check(name: str, path: Path, *, directory: bool, key: str) -> Check:

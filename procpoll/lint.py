@@ -113,6 +113,8 @@ def _ledger(config: Config, mounts: str | None) -> Iterable[Finding]:
             f"{_days(daemon.max_age_s)} is longer than ledger.retention "
             f"({_days(ledger.retention_s)}): the ledger forgets a failing event's age before "
             "it reaches max_age, so age never sends it to the dead-letter directory")
+    if ledger.url:
+        return  # a PostgreSQL ledger: its durability is the server's
     fstype = filesystem_type(ledger.path, _read_mounts() if mounts is None else mounts)
     if fstype in VOLATILE_FILESYSTEMS:
         yield Finding(

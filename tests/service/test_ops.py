@@ -385,3 +385,24 @@ def test_emulate_prints_a_complete_config_that_drains_it(tmp_path: Path) -> None
     finally:
         emulate.terminate()
         emulate.communicate(timeout=10)
+
+
+def test_ledger_copy_moves_deliveries_and_is_idempotent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ledger copy` carries every delivery and confirmation into the target ledger (here
+    another SQLite file); a second run writes nothing; the target then knows the event."""
+    source = Ledger(tmp_path / "old.sqlite3", retention_s=86_400)
+    source.record([Outcome("k1", "hook", delivered=True), Outcome("k2", "hook", delivered=False,
+                                                                  error="HTTP 503")])
+    source.close()
+    args = ["ledger", "copy", "--from", f"sqlite:///{tmp_path / 'old.sqlite3'}",
+            "--to", f"sqlite:///{tmp_path / 'new.sqlite3'}"]
+    assert cli.main(args) == cli.EX_OK
+    first = json.loads(capsys.readouterr().out)
+    assert first["deliveries_written"] == 2
+    assert cli.main(args) == cli.EX_OK
+    assert json.loads(capsys.readouterr().out)["deliveries_written"] == 0
+    target = Ledger(tmp_path / "new.sqlite3", retention_s=86_400)
+    assert target.states("k1")["hook"].delivered
+    assert target.states("k2")["hook"].attempts == 1
+    target.close()
