@@ -120,13 +120,15 @@ class EmulatorProc:
 
     def __init__(self, *, rate: float, latency_ms: float, events: int = 0, seed: int = 1,
                  hold_s: float = 5.0, confirm_window_s: float = 30.0,
-                 stock: bool = False) -> None:
+                 stock: bool = False, from_file: Path | None = None) -> None:
         entry = ([PY, "-m", "procpoll", "emulate"] if stock
                  else [PY, str(ROOT / "bench" / "emulator_host.py")])
         argv = [*entry, "--port", "0", "--rate", str(rate),
                 "--latency-ms", str(latency_ms), "--hold", str(hold_s),
                 "--confirm-window", str(confirm_window_s), "--events", str(events),
                 "--seed", str(seed), "--secret-id", SECRET_ID, "--secret-key", SECRET_KEY]
+        if from_file is not None:
+            argv += ["--from", str(from_file)]
         self.child = Child(argv)
         self.endpoint = self.child.ready(r"listening on http://(\S+)", 120).group(1)
         host, port = self.endpoint.rsplit(":", 1)
@@ -207,10 +209,15 @@ def write_config(path: Path, document: dict[str, Any]) -> None:
 
 
 class DaemonProc:
-    """`procpoll run -c FILE` in its own process, its log in a file."""
+    """`procpoll run -c FILE` in its own process, its log in a file.
 
-    def __init__(self, workdir: Path, endpoint: str, webhook: str, *, concurrency: int,
-                 pullers: int, max_in_flight: int, log_level: str = "warning",
+    A setting left None is not written, so the daemon runs with its own default (that of
+    the source tree it runs from).
+    """
+
+    def __init__(self, workdir: Path, endpoint: str, webhook: str, *,
+                 concurrency: int | None = None, pullers: int | None = None,
+                 max_in_flight: int | None = None, log_level: str | None = None,
                  source: Path | None = None, extra: dict[str, dict[str, Any]] | None = None
                  ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -219,9 +226,10 @@ class DaemonProc:
         document: dict[str, Any] = {
             "vod": {"endpoint": endpoint, "scheme": "http", "request_timeout": 10},
             "ledger": {"path": str(workdir / "ledger.sqlite3")},
-            "daemon": {"concurrency": concurrency, "pullers": pullers,
-                       "max_in_flight": max_in_flight},
-            "log": {"level": log_level},
+            # Only the settings a scenario overrides: the rest are the daemon's own defaults.
+            "daemon": {k: v for k, v in (("concurrency", concurrency), ("pullers", pullers),
+                                         ("max_in_flight", max_in_flight)) if v is not None},
+            "log": {"level": log_level} if log_level is not None else {},
             "sinks": [{"name": "hook", "type": "webhook", "url": webhook, "timeout": 5,
                        "retries": 3}],
         }

@@ -1,8 +1,9 @@
 """Profile the daemon while it drains a backlog: py-spy samples, summed per function.
 
-    python bench/profile.py [--seconds 10] [--concurrency 64] [--source DIR]
+    python bench/profile.py [--seconds 10] [--concurrency N] [--source DIR]
 
-Runs the same emulator / receiver / daemon processes as bench/throughput.py, attaches
+Runs the same emulator / receiver / daemon processes as bench/throughput.py (the
+daemon's default settings, log level info, real payloads from bench/corpus.py), attaches
 `py-spy record --format raw` to the daemon (with --gil: only samples of the thread
 holding the GIL, i.e. where the CPU goes; without: also threads py-spy sees as
 running, which includes some blocking socket reads and lock waits), and prints the functions with
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.corpus import write_events
 from bench.harness import ROOT, DaemonProc, EmulatorProc, ReceiverProc
 
 
@@ -54,9 +56,10 @@ def main() -> int:
     """Drain a backlog under py-spy and print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--pullers", type=int, default=4)
-    parser.add_argument("--max-in-flight", type=int, default=512)
+    parser.add_argument("--concurrency", type=int, default=None, help="default: the daemon's")
+    parser.add_argument("--pullers", type=int, default=None, help="default: the daemon's")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="default: the daemon's")
+    parser.add_argument("--log-level", default=None, help="default: the daemon's (info)")
     parser.add_argument("--source", type=Path, default=None, help="run the daemon from here")
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--gil", action="store_true",
@@ -68,10 +71,12 @@ def main() -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="procpoll-profile-"))
     receiver = ReceiverProc(20.0)
-    emu = EmulatorProc(rate=100.0, latency_ms=20.0, events=int(1700 * (args.seconds + 4)))
+    backlog = workdir / "events.json"
+    write_events(backlog, int(1700 * (args.seconds + 4)))
+    emu = EmulatorProc(rate=100.0, latency_ms=20.0, from_file=backlog)
     daemon = DaemonProc(workdir, emu.endpoint, receiver.url, concurrency=args.concurrency,
                         pullers=args.pullers, max_in_flight=args.max_in_flight,
-                        source=args.source)
+                        log_level=args.log_level, source=args.source)
     try:
         deadline = time.monotonic() + 30
         while emu.stats()["confirmed"] == 0 and time.monotonic() < deadline:

@@ -5,14 +5,17 @@
 
 The emulator (100 requests/s per action, 20 ms per reply), the webhook receiver
 (20 ms per POST) and the daemon each run in their own process; the daemon's CPU and
-RSS come from /proc/<pid>. Scenarios:
+RSS come from /proc/<pid>. The daemon runs with its DEFAULT settings (concurrency,
+pullers, max_in_flight, log level info) unless an option overrides one, and the events
+are real payloads (bench/corpus.py: tests/data/payloads, 80 % ProcedureStateChanged).
+Scenarios:
 
 - baseline: bench/baseline.py, the hand-written pull → POST each → confirm loop;
 - drain: a preloaded backlog, drained as fast as the daemon can (events/s, CPU);
 - sustained: events fed at a fixed offered rate (1,000/s); enqueue→confirm p50/p99
   from the emulator's histogram, RSS over time, then idle CPU with nothing to do;
 - sustained-low: the same at a rate with headroom (600/s), for latency when keeping up;
-- log info: the drain again at log level "info", to price the log;
+- log warning: the drain again at log level "warning", to price the default log;
 - sweep: events/s against [daemon] concurrency (the plot);
 - before (with --before DIR): drain and sustained with the daemon run from another
   source tree, for before/after figures from one run.
@@ -35,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.corpus import realistic_events, write_events
 from bench.harness import (
     CREDENTIALS,
     PY,
@@ -54,11 +58,11 @@ RESULTS = ROOT / "bench" / "results"
 
 @dataclass(frozen=True)
 class Knobs:
-    """The [daemon] settings a scenario runs with."""
+    """The [daemon] settings a scenario overrides; None leaves the daemon's default."""
 
-    concurrency: int = 64
-    pullers: int = 4
-    max_in_flight: int = 256
+    concurrency: int | None = None
+    pullers: int | None = None
+    max_in_flight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ def _window(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
         "events": events, "seconds": round(seconds, 2),
         "events_per_s": round(events / seconds, 1) if seconds > 0 else 0.0,
         "cpu_s_per_1000": round(cpu / events * 1000, 3) if events else None,
+        "cpu_ms_per_event": round(cpu / events * 1000, 3) if events else None,
         "cpu_pct_of_core": round(cpu / seconds * 100, 1) if seconds > 0 else None,
         "p50_ms": percentile_ms(latency, 50), "p99_ms": percentile_ms(latency, 99),
         "pull_calls_per_s": round(pulls / seconds, 1) if seconds > 0 else 0.0,
@@ -132,7 +137,7 @@ def _finish(name: str, daemon: DaemonProc, emu: EmulatorProc, receiver: Receiver
     result["exit_status"] = daemon.stop()
     emu.stop()
     receiver.stop()
-    shown = ("events_per_s", "cpu_s_per_1000", "duplicate_posts", "idle_cpu_pct",
+    shown = ("events_per_s", "cpu_ms_per_event", "duplicate_posts", "idle_cpu_pct",
              "rss_peak_mb", "others_cpu_pct")
     if "offered_per_s" in result:  # enqueue→confirm means something when fed, not drained
         shown += ("p50_ms", "p99_ms")
@@ -163,14 +168,16 @@ def host_speed_us() -> float:
 
 
 def _start(setup: Setup, name: str, knobs: Knobs, *, events: int, seed: int,
-           log_level: str = "warning", source: Path | None = None
+           log_level: str | None = None, source: Path | None = None
            ) -> tuple[EmulatorProc, ReceiverProc, DaemonProc, float]:
     speed = host_speed_us()
-    receiver = ReceiverProc(setup.webhook_latency_ms)
-    emu = EmulatorProc(rate=setup.rate, latency_ms=setup.api_latency_ms, events=events,
-                       seed=seed)
     workdir = setup.workdir / name
     shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    backlog = workdir / "events.json"
+    write_events(backlog, events, seed)
+    receiver = ReceiverProc(setup.webhook_latency_ms)
+    emu = EmulatorProc(rate=setup.rate, latency_ms=setup.api_latency_ms, from_file=backlog)
     daemon = DaemonProc(workdir, emu.endpoint, receiver.url, concurrency=knobs.concurrency,
                         pullers=knobs.pullers, max_in_flight=knobs.max_in_flight,
                         log_level=log_level, source=source)
@@ -181,7 +188,7 @@ def _start(setup: Setup, name: str, knobs: Knobs, *, events: int, seed: int,
 
 
 def drain(setup: Setup, name: str, knobs: Knobs, *, events: int, max_s: float, seed: int,
-          warmup_s: float = 0.0, log_level: str = "warning",
+          warmup_s: float = 0.0, log_level: str | None = None,
           source: Path | None = None) -> dict[str, Any]:
     """Preload `events`, start the daemon, time it from its first confirm to the last."""
     emu, receiver, daemon, speed = _start(setup, name, knobs, events=events, seed=seed,
@@ -196,7 +203,7 @@ def drain(setup: Setup, name: str, knobs: Knobs, *, events: int, max_s: float, s
             break
     first = next((s for s in samples if s["confirmed"] > 0), samples[-1])
     start = next((s for s in samples if s["t"] - first["t"] >= warmup_s), first)
-    result = {"scenario": name, "knobs": asdict(knobs), "log_level": log_level,
+    result = {"scenario": name, "knobs": asdict(knobs), "log_level": log_level or "default",
               "host_parse_us": speed,
               "backlog": events, "drained": samples[-1]["confirmed"] >= events,
               **_window(start, samples[-1]),
@@ -211,7 +218,7 @@ def sustained(setup: Setup, knobs: Knobs, *, offered: float, seconds: float, war
     tick_s = 0.05
     per_tick = max(1, round(offered * tick_s))
     ticks = int(seconds / tick_s)
-    bodies = generate_events(per_tick * ticks, seed=seed)
+    bodies = realistic_events(per_tick * ticks, seed=seed)
     chunks = [json.dumps(bodies[i * per_tick:(i + 1) * per_tick]).encode()
               for i in range(ticks)]
     del bodies
@@ -270,9 +277,10 @@ def sustained(setup: Setup, knobs: Knobs, *, offered: float, seconds: float, war
 
 def baseline(setup: Setup, *, seconds: float, seed: int) -> dict[str, Any]:
     """bench/baseline.py against a preloaded emulator."""
+    backlog = setup.workdir / "baseline-events.json"
+    write_events(backlog, int(seconds * 80) + 200, seed)
     receiver = ReceiverProc(setup.webhook_latency_ms)
-    emu = EmulatorProc(rate=setup.rate, latency_ms=setup.api_latency_ms,
-                       events=int(seconds * 80) + 200, seed=seed)
+    emu = EmulatorProc(rate=setup.rate, latency_ms=setup.api_latency_ms, from_file=backlog)
     try:
         out = subprocess.run(
             [PY, str(ROOT / "bench" / "baseline.py"), "--endpoint", emu.endpoint,
@@ -292,7 +300,9 @@ def sweep(setup: Setup, knobs: Knobs, concurrencies: list[int], *, seconds: floa
     """Time-bounded drains at each concurrency: events/s against concurrency."""
     points = []
     for n, concurrency in enumerate(concurrencies):
-        point = Knobs(concurrency, knobs.pullers, max(knobs.max_in_flight, 4 * concurrency))
+        # max_in_flight grows with concurrency past the default's 256, or workers starve.
+        in_flight = max(knobs.max_in_flight or 256, 4 * concurrency)
+        point = Knobs(concurrency, knobs.pullers, in_flight)
         backlog = int(min(1700.0, 60.0 * concurrency) * (seconds + 2)) + 500
         points.append(drain(setup, f"sweep-c{concurrency}", point, events=backlog,
                             max_s=seconds, warmup_s=1.0, seed=seed + n))
@@ -323,9 +333,12 @@ def main() -> int:
                         help="events/s fed in the sustained scenario")
     parser.add_argument("--latency-offered", type=float, default=600.0,
                         help="events/s fed in a second sustained run, for latency with headroom")
-    parser.add_argument("--concurrency", type=int, default=Knobs.concurrency)
-    parser.add_argument("--pullers", type=int, default=Knobs.pullers)
-    parser.add_argument("--max-in-flight", type=int, default=Knobs.max_in_flight)
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="[daemon] concurrency (default: the daemon's own)")
+    parser.add_argument("--pullers", type=int, default=None,
+                        help="[daemon] pullers (default: the daemon's own)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="[daemon] max_in_flight (default: the daemon's own)")
     parser.add_argument("--only", default="",
                         help="comma-separated scenarios: baseline,drain,sustained,log,sweep")
     parser.add_argument("--before", type=Path, default=None,
@@ -375,9 +388,15 @@ def main() -> int:
                 results["sustained_low"] = sustained(
                     setup, knobs, offered=args.latency_offered, seconds=sus_s * 2 / 3,
                     warmup_s=3.0, idle_s=0.0, seed=35, name="sustained-low")
+                if args.before is not None:
+                    results["before"]["sustained_low"] = sustained(
+                        setup, knobs, offered=args.latency_offered, seconds=sus_s * 2 / 3,
+                        warmup_s=3.0, idle_s=0.0, seed=35, source=args.before,
+                        name="before-sustained-low")
         if "log" in only:
-            results["log_info"] = drain(setup, "log-info", knobs, events=drain_events // 2,
-                                        max_s=drain_s, seed=41, log_level="info")
+            results["log_warning"] = drain(setup, "log-warning", knobs,
+                                           events=drain_events // 2, max_s=drain_s, seed=41,
+                                           log_level="warning")
         if "sweep" in only:
             points = [1, 8, 32, 64] if quick else [1, 4, 8, 16, 32, 64, 128]
             results["sweep"] = sweep(setup, knobs, points, seconds=4.0 if quick else 6.0,
@@ -387,6 +406,11 @@ def main() -> int:
     results["bench_seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if {"baseline", "drain"} <= only:
+        loop, fast = results["baseline"]["events_per_s"], results["drain"]
+        print(f"\ndrain: {fast['events_per_s']:,.0f} events/s, {fast['cpu_ms_per_event']} ms CPU "
+              f"per event, {fast['events_per_s'] / max(loop, 0.1):.1f}x the hand-written loop "
+              f"({loop} events/s)")
     if {"baseline", "drain", "sustained"} <= only:
         print()
         print(table(results))
