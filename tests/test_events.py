@@ -423,3 +423,18 @@ def test_any_json_parses_or_raises_event_parse_error(item: Any) -> None:
         assert isinstance(event.body.failed_subtasks, list)
         assert event.body.cover_url is None or isinstance(event.body.cover_url, str)
         assert isinstance(event.body.outputs("Transcode"), list)
+
+
+def test_null_members_hash_as_missing_ones() -> None:
+    """A redelivery whose body has a new null member (VOD sometimes sends null, sometimes
+    omits the member) keeps its key: it must not look like a new notification."""
+    plain = {"EventType": "FileDeleted",
+             "FileDeleteEvent": {"FileIdSet": ["528589"], "FileDeleteResultInfo": []}}
+    with_nulls = {"EventType": "FileDeleted", "NewMember": None,
+                  "FileDeleteEvent": {"FileIdSet": ["528589"], "FileDeleteResultInfo": [],
+                                      "Extra": None}}
+    assert event_key(with_nulls) == event_key(plain)
+    # Nulls inside lists are positions, not members: they still count.
+    assert event_key({"EventType": "X", "L": [None]}) != event_key({"EventType": "X", "L": []})
+    # A null that is the only difference between two real values still differs from a value.
+    assert event_key({"EventType": "X", "A": None}) != event_key({"EventType": "X", "A": 0})
