@@ -7,6 +7,7 @@ It owns the SDK client, the credential chain and the mapping of every SDK outcom
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 import requests
 from tencentcloud.common.common_client import CommonClient
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (
@@ -300,10 +302,39 @@ class Pacer:
 
 
 class _Client(CommonClient):  # type: ignore[misc]  # the SDK has no type hints
-    """CommonClient that decodes each reply once: `_response` finds errors in it instead."""
+    """CommonClient that decodes each reply once, with orjson: `_response` finds errors in it."""
 
-    def _check_error(self, resp: Any) -> None:
-        """The SDK's check decodes the whole body, which call_json then decodes again."""
+    def call_json(self, action: str, params: dict[str, Any], headers: Any = None,
+                  options: Any = None) -> Any:
+        """The SDK's call_json without its retryer (none is configured) and error check (the
+        SDK's decodes the whole body, which call_json then decoded again with json)."""
+        reply = self._call(action, params, options, headers)
+        self._check_status(reply)
+        return decode_reply(reply.content)
+
+
+# Bytes of a reply, masked so that a number of at least 20 digits, or a negative one of 19,
+# right after ":", "," or "[" (whitespace included) shows as ":" and a run of "0".
+_NUMBER_MASK = bytes(
+    ord("0") if chr(c).isdigit() and c < 128 else ord(":") if chr(c) in ":,[ \t\r\n"
+    else ord("-") if c == ord("-") else ord("x") for c in range(256))
+_TOO_BIG_FOR_ORJSON = (b":" + b"0" * 20, b":-" + b"0" * 19)
+
+
+def decode_reply(content: bytes) -> Any:
+    """The reply's JSON, decoded as json.loads decodes it, by orjson when it can.
+
+    orjson is three times faster, but reads integers past 64 bits as floats (a bare FileId
+    that long would lose digits) and refuses NaN, Infinity, BOMs, UTF-16 and escaped lone
+    surrogates, which json accepts: those replies go to json (a masked scan finds long
+    numbers at a fraction of the decoding's cost; one inside a string costs a fallback)."""
+    masked = b":" + content.translate(_NUMBER_MASK)  # ":" for a reply that is a number
+    if any(pattern in masked for pattern in _TOO_BIG_FOR_ORJSON):
+        return json.loads(content)
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)
 
 
 class TencentVod:

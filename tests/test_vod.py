@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import requests
 import responses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from procpoll.config import CredentialsConfig, VodConfig
 from procpoll.errors import (
@@ -19,7 +21,7 @@ from procpoll.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from procpoll.vod import CredentialChain, TencentVod
+from procpoll.vod import CredentialChain, TencentVod, decode_reply
 
 URL = "http://vod.test:9/"
 ENV = {"TENCENTCLOUD_SECRET_ID": "AKIDtest", "TENCENTCLOUD_SECRET_KEY": "key-test"}
@@ -202,3 +204,46 @@ def test_configured_file_missing_is_a_config_error(tmp_path: Path) -> None:
     """secret_id_file pointing nowhere is reported, not skipped."""
     with pytest.raises(ConfigError, match="credential file missing"):
         chain(tmp_path, {}, secret_id_file=tmp_path / "a", secret_key_file=tmp_path / "b").get()
+
+
+# --- the reply decoder: json.loads' result, from orjson when it gives the same ----------------
+
+REPLY_SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**62)
+                 | st.integers(max_value=-(2**62)) | st.floats() | st.text(max_size=8))
+REPLY_JSON = st.recursive(
+    REPLY_SCALARS,
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=5), kids,
+                                                               max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(REPLY_JSON, st.sampled_from([None, 2]), st.booleans())
+def test_reply_decoding_equals_json_loads(value: Any, indent: int | None, ascii_only: bool
+                                          ) -> None:
+    """Any reply (big integers, NaN, ±Infinity, any text, compact or indented) decodes to
+    what json.loads gives: the same values of the same types (an int stays an int)."""
+    content = json.dumps(value, indent=indent, ensure_ascii=ascii_only).encode()
+    expected = json.loads(content)
+    assert json.dumps(decode_reply(content)) == json.dumps(expected)
+
+
+@pytest.mark.parametrize("content", [
+    b'{"FileId":18446744073709551616}', b'{"FileId": 123456789012345678901234}',
+    b'[-9223372036854775809]', b'{"a":\n  [\n    -12345678901234567890\n  ]}',
+    b'{"a":NaN,"b":-Infinity}', b'\xef\xbb\xbf{"a":1}', b'{"a":"\\ud800"}',
+    '{"a":1}'.encode("utf-16"),
+])
+def test_replies_orjson_reads_otherwise_decode_as_json_does(content: bytes) -> None:
+    """Integers past 64 bits keep every digit; NaN, a BOM, UTF-16 and lone surrogates are
+    read as json.loads reads them."""
+    assert json.dumps(decode_reply(content)) == json.dumps(json.loads(content))
+
+
+@responses.activate
+def test_pulled_bare_integer_past_64_bits_keeps_its_digits(api: TencentVod) -> None:
+    """A pulled event with a bare integer too long for 64 bits comes back as that exact int."""
+    reply('{"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X", '
+          '"XEvent": {"FileId": 52854854879852714901234}}], "RequestId": "r"}}')
+    assert api.pull(None)[0]["XEvent"]["FileId"] == 52854854879852714901234
