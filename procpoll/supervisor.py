@@ -50,6 +50,9 @@ METRICS_LISTEN_ENV = "PROCPOLL_METRICS_LISTEN"
 """Where a worker serves its own /metrics (the daemon reads it); workers pick a free port."""
 WORKER_METRICS_LISTEN = "127.0.0.1:0"
 DEFAULT_WATCHDOG_USEC = 60_000_000
+# A worker's watchdog window starts once it is ready: before, it imports, opens the ledger
+# and prunes it, which on a loaded machine can take longer than a short WatchdogSec.
+STARTUP_GRACE_S = 60.0
 ABORT_TO_KILL_S = 5.0  # SIGABRT lets faulthandler or a core show where it hung; then SIGKILL
 RESTART_BACKOFF_BASE_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
@@ -82,6 +85,7 @@ class _Worker:
     restart_at: float | None = 0.0  # when to start the next process; None while one runs
     abort_sent_at: float | None = None
     kill_sent: bool = False
+    was_ready: bool = False  # sent READY=1 since it started
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
@@ -106,7 +110,6 @@ class Supervisor:
         self._signals = 0
         self._last_signal = signal.SIGTERM.value
         self._reload_requested = False
-        self._child_exited = False
         self._stopping = False
         self._stop_deadline = 0.0
         self._killed_at_stop = False
@@ -226,10 +229,10 @@ class Supervisor:
         worker.restart_at = None
         worker.abort_sent_at = None
         worker.kill_sent = False
+        worker.was_ready = False
         log.info("supervisor.worker_started", worker=worker.number, pid=worker.proc.pid)
 
     def _reap(self, now: float) -> None:
-        self._child_exited = False
         for worker in self.workers:
             if worker.proc is None or worker.proc.returncode is not None:
                 continue  # never started, or its exit is already handled
@@ -261,7 +264,7 @@ class Supervisor:
                 continue
             if worker.abort_sent_at is None:
                 silent_s = now - worker.last_ping
-                if silent_s > self.worker_watchdog_s:
+                if silent_s > self._allowed_silence_s(worker):
                     worker.abort_sent_at = now
                     log.error("supervisor.worker_unresponsive", worker=worker.number,
                               pid=worker.proc.pid, silent_s=round(silent_s, 1),
@@ -283,7 +286,12 @@ class Supervisor:
     def _healthy(self, now: float) -> bool:
         """Every worker runs and fed its watchdog within its window."""
         return all(w.alive() and w.abort_sent_at is None
-                   and now - w.last_ping <= self.worker_watchdog_s for w in self.workers)
+                   and now - w.last_ping <= self._allowed_silence_s(w) for w in self.workers)
+
+    def _allowed_silence_s(self, worker: _Worker) -> float:
+        if worker.was_ready:
+            return self.worker_watchdog_s
+        return max(self.worker_watchdog_s, STARTUP_GRACE_S)
 
     # --- stop and reload -----------------------------------------------------------------
 
@@ -349,7 +357,7 @@ class Supervisor:
             if key == "WATCHDOG" and value == "1":
                 worker.last_ping = self._clock()
             elif key == "READY" and value == "1":
-                worker.ready = True
+                worker.ready = worker.was_ready = True
                 if self._reload_pending is not None:
                     self._reload_pending.discard(worker.number)
             elif key in ("RELOADING", "STOPPING") and value == "1":
@@ -406,7 +414,7 @@ class Supervisor:
         self._reload_requested = True
 
     def _on_child_signal(self, _signum: int, _frame: FrameType | None) -> None:
-        self._child_exited = True
+        return  # its byte on the wakeup socket is the point: the loop reaps at once
 
     # --- the service's one /metrics ------------------------------------------------------
 

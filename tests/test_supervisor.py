@@ -28,7 +28,7 @@ from tests.reliability.harness import (
 from tests.reliability.scenarios import credentials_env
 
 WORKERS = 3
-WATCHDOG_USEC = 2_000_000  # the supervisor's own WatchdogSec: 2 s, fed every second
+WATCHDOG_USEC = 3_000_000  # the supervisor's own WatchdogSec: 3 s, fed every 1.5 s
 # Wall clock minus monotonic clock: log timestamps (wall) against the listener's (monotonic).
 _WALL_OFFSET_S = time.time() - time.monotonic()
 
@@ -135,7 +135,8 @@ def test_a_killed_worker_is_restarted_and_events_keep_flowing(
         os.kill(killed, signal.SIGKILL)
         assert wait_until(lambda: service.workers()[2] != killed, 10)
         exited = service.supervisor.events("supervisor.worker_exited")
-        assert [(r["worker"], r["pid"], r["signal"]) for r in exited] == [(2, killed, "SIGKILL")]
+        assert [(r["worker"], r.get("signal")) for r in exited if r["pid"] == killed] == [
+            (2, "SIGKILL")], service.supervisor.output()[-4000:]
         assert Path(f"/proc/{service.workers()[2]}").exists()
         emulator.enqueue(generate_events(30, seed=2))
         assert emulator.wait_drained(30)
@@ -160,7 +161,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path, emulator: Emulator) -> None
 
 
 def test_watchdog_stops_while_a_worker_is_frozen(tmp_path: Path, emulator: Emulator) -> None:
-    """A SIGSTOPped worker: after its 2 s window the supervisor stops feeding systemd's
+    """A SIGSTOPped worker: after its 3 s window the supervisor stops feeding systemd's
     watchdog, aborts the worker (SIGABRT) and starts a new one; the feeding resumes then."""
     with supervised(tmp_path, emulator) as service:
         wait_ready(service)
