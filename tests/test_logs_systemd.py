@@ -125,3 +125,32 @@ def test_lines_carry_a_syslog_priority_only_when_stdout_is_the_journal(tmp_path:
     assert first.startswith("<3>{")
     assert json.loads(first[3:])["event"] == "api.auth_failed"
     assert second.startswith("<6>{")
+
+
+def test_lines_keep_every_value_json_would_write() -> None:
+    """A line holds integers past 64 bits, non-str keys, non-ASCII text and unknown objects
+    (as their repr), exactly as the json module would have written them."""
+
+    class Thing:
+        def __repr__(self) -> str:
+            return "<thing>"
+
+    out = io.StringIO()
+    logs.configure("info", stream=out)
+    structlog.get_logger("t").info("event.delivered", big=2**70, counts={1: 2}, name="动物",
+                                   thing=Thing(), ratio=0.5)
+    record = json.loads(out.getvalue())
+    assert record["big"] == 2**70
+    assert record["counts"] == {"1": 2}
+    assert record["name"] == "动物"
+    assert record["thing"] == "<thing>"
+    assert record["ratio"] == 0.5
+    assert "动物" in out.getvalue()  # not escaped: journald and jq read UTF-8
+
+
+def test_a_lone_surrogate_in_a_field_still_makes_a_line() -> None:
+    """Text orjson refuses (a lone surrogate from a junk payload) is written as json writes it."""
+    out = io.StringIO()
+    logs.configure("info", stream=out)
+    structlog.get_logger("t").info("event.unrouted", event_type="bad\ud800type")
+    assert json.loads(out.getvalue())["event_type"] == "bad\ud800type"
