@@ -327,7 +327,8 @@ class Dispatcher:
                 self._resolve(work)
                 self._complete(work, bound)
                 return
-            done = self._deliver_all(work, todo, states, gen, bound)
+            delivered: dict[str, tuple[int, float]] = {}  # for the log: attempts, seconds
+            done = self._deliver_all(work, todo, states, gen, bound, delivered=delivered)
             if done is None:
                 return  # deferred, or left to VOD while another consumer delivers
         except LedgerError as exc:
@@ -339,6 +340,12 @@ class Dispatcher:
             return
         self._note(success=done)
         if done:
+            if delivered:
+                # The event's one line at info: every sink it reached now, how, how long.
+                bound.info("event.delivered", sinks=list(delivered),
+                           attempts={name: a for name, (a, _) in delivered.items()},
+                           duration_ms={name: round(seconds * 1000, 1)
+                                        for name, (_, seconds) in delivered.items()})
             self._resolve(work)
             self._complete(work, bound)
         else:
@@ -347,13 +354,14 @@ class Dispatcher:
             bound.warning("event.not_confirmed", reason="a sink did not take the event")
 
     def _deliver_all(self, work: Work, todo: list[Route], states: dict[str, SinkState],
-                     gen: _Generation,
-                     bound: structlog.typing.FilteringBoundLogger) -> bool | None:
+                     gen: _Generation, bound: structlog.typing.FilteringBoundLogger, *,
+                     delivered: dict[str, tuple[int, float]]) -> bool | None:
         """Deliver to the sinks still missing this occurrence; True when every one has it
         (or set it aside), False when one failed, None when nothing more can be done now.
 
         On a shared ledger each sink is claimed first: a sink another live consumer holds
-        is waited for, not delivered twice; its expired claim is taken over.
+        is waited for, not delivered twice; its expired claim is taken over. `delivered`
+        collects (attempts, seconds) per sink that took it, for the event's log line.
         """
         event = work.event
         did = delivery_id(event.key, work.occurrence or 0)
@@ -368,7 +376,8 @@ class Dispatcher:
                     return None
                 mine = [r for r in pending if r.config.name in result.acquired]
                 held = dict(result.held)
-            outcomes = self._deliver_routes(work, mine, states, gen, bound)
+            outcomes = self._deliver_routes(work, mine, states, gen, bound,
+                                            delivered=delivered)
             if outcomes:
                 with self._busy("ledger write", LEDGER_CALL_LIMIT_S):
                     self._ledger.record(outcomes)
@@ -393,15 +402,16 @@ class Dispatcher:
             return self._ledger.claim(request)
 
     def _deliver_routes(self, work: Work, routes: list[Route], states: dict[str, SinkState],
-                        gen: _Generation,
-                        bound: structlog.typing.FilteringBoundLogger) -> list[Outcome]:
+                        gen: _Generation, bound: structlog.typing.FilteringBoundLogger, *,
+                        delivered: dict[str, tuple[int, float]]) -> list[Outcome]:
         """One round per sink; several sinks of one event run in parallel, so their worst
         cases do not add up inside the confirm window."""
         if len(routes) <= 1:
-            return [self._deliver(work, r, states.get(r.config.name), gen, bound)
+            return [self._deliver(work, r, states.get(r.config.name), gen, bound,
+                                  delivered=delivered)
                     for r in routes]
         futures = [self._pool().submit(self._deliver, work, r, states.get(r.config.name), gen,
-                                       bound) for r in routes]
+                                       bound, delivered=delivered) for r in routes]
         return [f.result() for f in futures]
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -484,7 +494,8 @@ class Dispatcher:
         self._unresolved.resolve(work.event)
 
     def _deliver(self, work: Work, route: Route, state: SinkState | None, gen: _Generation,
-                 bound: structlog.typing.FilteringBoundLogger) -> Outcome:
+                 bound: structlog.typing.FilteringBoundLogger, *,
+                 delivered: dict[str, tuple[int, float]]) -> Outcome:
         cfg, event = route.config, work.event
         did = delivery_id(event.key, work.occurrence or 0)
         attempt = 0
@@ -505,8 +516,10 @@ class Dispatcher:
                 elapsed = self._clock() - started
                 self._count("delivered")
                 self._on_delivery(cfg.name, "delivered", elapsed)
-                bound.info("event.delivered", sink=cfg.name, attempt=attempt,
-                           duration_ms=round(elapsed * 1000, 1))
+                # Each sink at debug; the event's one info line sums them up (_process).
+                delivered[cfg.name] = (attempt, elapsed)
+                bound.debug("sink.delivered", sink=cfg.name, attempt=attempt,
+                            duration_ms=round(elapsed * 1000, 1))
                 return Outcome(did, cfg.name, delivered=True, ordering_key=event.ordering_key)
             self._on_delivery(cfg.name, "failed", self._clock() - started)
             bound.warning("sink.failed", sink=cfg.name, attempt=attempt, error=error.reason,
