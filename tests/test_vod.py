@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import requests
@@ -247,3 +249,61 @@ def test_pulled_bare_integer_past_64_bits_keeps_its_digits(api: TencentVod) -> N
     reply('{"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X", '
           '"XEvent": {"FileId": 52854854879852714901234}}], "RequestId": "r"}}')
     assert api.pull(None)[0]["XEvent"]["FileId"] == 52854854879852714901234
+
+
+# --- the environment, read once per client -----------------------------------------------------
+
+
+@responses.activate
+def test_a_netrc_entry_does_not_replace_the_signature(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ~/.netrc entry for the endpoint's host leaves the TC3 signature in Authorization
+    (requests would have put Basic auth from it in its place)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine vod.test login someone password hunter2\n", encoding="utf-8")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    config = VodConfig(endpoint="vod.test:9", scheme="http", request_timeout_s=6)
+    api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+    reply({"Response": {"EventSet": [], "RequestId": "r"}})
+    assert api.pull(None) == []
+    assert responses.calls[0].request.headers["Authorization"].startswith("TC3-HMAC-SHA256 ")
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself with an empty PullEvents reply."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).seen.append(self.path)
+        body = json.dumps({"Response": {"EventSet": [], "RequestId": "r"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        """Quiet: the test reads `seen`."""
+
+
+def test_all_proxy_from_the_environment_is_still_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALL_PROXY (read once when the client is built, not at every call) still routes calls
+    through the proxy."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
+                     "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+        config = VodConfig(endpoint="vod.invalid:9", scheme="http", request_timeout_s=6)
+        api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+        assert api.pull(None) == []
+        assert _Proxy.seen == ["http://vod.invalid:9/"]
+    finally:
+        server.shutdown()
+        server.server_close()
