@@ -317,6 +317,17 @@ class Dispatcher:
             after = work.after.occurrence if work.after is not None else None
             with self._busy("ledger lookup", LEDGER_CALL_LIMIT_S):
                 occurrence, states = self._ledger.lookup(event.key, -1 if after is None else after)
+            if occurrence != (0 if after is None else after + 1) and not work.live(self._clock()):
+                # A confirmation moved this key on, and every handle here has expired: the
+                # handles may predate that confirmation (another consumer got this same
+                # notification after ours lapsed, and confirmed it). A live handle proves
+                # they do not (VOD holds one live handle per notification); without one,
+                # a new notification would come back live, so deliver nothing now.
+                self._count("duplicates")
+                bound.info("event.stale_handle", occurrence=occurrence,
+                           reason="its handles expired before a confirmation of this key; "
+                                  "a new notification would come back with a live handle")
+                return
             work.occurrence = occurrence
             if occurrence:
                 bound = bound.bind(occurrence=occurrence)

@@ -44,6 +44,13 @@ Connection = psycopg.Connection[TupleRow]
 _DEAD_PEER_OPTIONS = {"tcp_user_timeout": 15_000, "keepalives": 1, "keepalives_idle": 10,
                       "keepalives_interval": 5, "keepalives_count": 3}
 
+# A host that drops off the network mid-transaction leaves its session open on the server,
+# holding its row and advisory locks, until TCP notices (hours by default): the server
+# ends a session idle inside a transaction after 10 s (ours last milliseconds), and a
+# statement waits at most 10 s for a lock before failing as LedgerError.
+_SESSION_LIMITS = ("SET idle_in_transaction_session_timeout = '10s'",
+                   "SET lock_timeout = '10s'", "SET statement_timeout = '30s'")
+
 # Serializes schema creation between processes starting together (CREATE ... IF NOT
 # EXISTS is not safe against a concurrent CREATE of the same name in PostgreSQL).
 _SCHEMA_LOCK = "procpoll_schema"
@@ -195,9 +202,12 @@ class PostgresLedger:
             raise LedgerError(f"{self.name}: cannot open the ledger: {_reason(exc)}") from exc
 
     def _configure(self, conn: Connection) -> None:
-        """Each new pooled connection looks in the ledger's schema first."""
+        """Each new pooled connection looks in the ledger's schema first, and bounds how
+        long anything can wait on a consumer that died in the middle of a transaction."""
         if self._schema is not None:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+        for setting in _SESSION_LIMITS:
+            conn.execute(setting)
 
     @contextlib.contextmanager
     def _connection(self, what: str) -> Iterator[Connection]:
