@@ -85,7 +85,7 @@ class Relay:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self._target = target
-        self._listener = socket.create_server(("0.0.0.0", 0))  # noqa: S104 -- the veth side
+        self._listener = socket.create_server(("0.0.0.0", 0))
         self.port = self._listener.getsockname()[1]
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -146,7 +146,7 @@ class Receiver:
             def log_message(self, *_args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)  # noqa: S104 -- veth side
+        self.server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -192,7 +192,7 @@ def test_two_hosts_share_a_queue_without_duplicates_and_survive_one_dying(
     on one PostgreSQL ledger: every event is delivered and confirmed, none twice. Then one
     host drops off the network mid-run: 0 events lost; duplicates only from the claims the
     dead host held (reported)."""
-    emulator = Emulator(host="0.0.0.0", confirm_window_s=2.0, hold_s=0.5, seed=11).start()  # noqa: S104
+    emulator = Emulator(host="0.0.0.0", confirm_window_s=2.0, hold_s=0.5, seed=11).start()
     relay = Relay(("127.0.0.1", 5432))
     receiver = Receiver(slow_s=3.0)
     procs: list[subprocess.Popen[bytes]] = []
