@@ -263,6 +263,8 @@ def _load(path: Path) -> Config:
 
 WORKER_ENV = "PROCPOLL_WORKER"
 """Set by the supervisor in each consumer process it starts (the worker's number)."""
+METRICS_LISTEN_ENV = "PROCPOLL_METRICS_LISTEN"
+"""Set by the supervisor: where a worker serves its own metrics (it reports the port)."""
 
 
 def _start(args: argparse.Namespace) -> tuple[Config, instance_lock.InstanceLock | None]:

@@ -36,7 +36,14 @@ from tenacity import (
 )
 
 from procpoll import logs
-from procpoll.cli import EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
+from procpoll.cli import (
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    METRICS_LISTEN_ENV,
+    WORKER_ENV,
+)
 from procpoll.config import Config, load_config
 from procpoll.confirm import Confirmer
 from procpoll.deadletter import DeadLetter
@@ -66,7 +73,6 @@ AUTH_BACKOFF_S = 60.0
 PULL_BACKOFF_MAX_S = 30.0
 PRUNE_EVERY_S = 3600.0
 PRUNE_RETRY_S = 300.0
-METRICS_LISTEN_ENV = "PROCPOLL_METRICS_LISTEN"
 STATUS_EVERY_S = 5.0
 CREDENTIALS_CHECK_S = 1.0
 
@@ -313,8 +319,14 @@ class Daemon:
         stats_every_s = self.config.log.stats_interval_s
         next_stats = self._clock() + stats_every_s if stats_every_s else None
         stuck_logged = False
+        # A supervisor's worker outlives a supervisor killed outside systemd (SIGKILL):
+        # it notices its parent changed and stops, rather than pulling on unsupervised.
+        parent = os.getppid() if os.environ.get(WORKER_ENV) else None
         while True:
             self._wait_for_wake(min(interval or STATUS_EVERY_S, STATUS_EVERY_S))
+            if parent is not None and os.getppid() != parent:
+                log.warning("daemon.orphaned", action="stopping: the supervisor is gone")
+                self._stop_requested = True
             now = self._clock()
             if now >= next_status:
                 next_status = now + STATUS_EVERY_S

@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from procpoll.cli import EX_OK, WORKER_ENV
+from procpoll.cli import EX_OK, METRICS_LISTEN_ENV, WORKER_ENV
 from procpoll.config import Config
 from procpoll.listen import split_listen
 from procpoll.metrics_merge import merge_expositions
@@ -46,7 +46,6 @@ from procpoll.work import backoff_s
 
 log = structlog.get_logger("procpoll.supervisor")
 
-METRICS_LISTEN_ENV = "PROCPOLL_METRICS_LISTEN"
 """Where a worker serves its own /metrics (the daemon reads it); workers pick a free port."""
 WORKER_METRICS_LISTEN = "127.0.0.1:0"
 DEFAULT_WATCHDOG_USEC = 60_000_000

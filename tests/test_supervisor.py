@@ -227,3 +227,21 @@ def test_one_metrics_endpoint_sums_the_workers(tmp_path: Path, emulator: Emulato
         # The newest pull of any worker (between two scrapes of theirs), not a sum.
         assert max(m[last_pull] for m in each) <= total[last_pull] <= max(
             m[last_pull] for m in after)
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, emulator: Emulator) -> None:
+    """Outside systemd nothing else reaps them: a SIGKILLed supervisor's workers notice
+    their parent is gone and stop (daemon.orphaned) instead of pulling on unsupervised."""
+    with supervised(tmp_path, emulator) as service:
+        wait_ready(service)
+        pids = list(service.workers().values())
+        service.supervisor.kill()
+
+        def gone(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            except FileNotFoundError:
+                return True
+            return state == "Z"  # exited; reaped by init
+
+        assert wait_until(lambda: all(gone(pid) for pid in pids), 30), "workers outlived it"
