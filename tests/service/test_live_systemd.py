@@ -101,6 +101,15 @@ class Deployment:
         args += ["-p", priority] if priority else []
         return self.box.run(*args).stdout
 
+    def logged(self, event: str, since: float | None = None) -> bool:
+        """Whether procpoll wrote a JSON log line with this `event` to the journal."""
+        for line in self.journal(since).splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == event:
+                    return True
+        return False
+
     def configure(self, extra_vod: str = "") -> None:
         """Write /etc/procpoll/procpoll.toml pointing at the emulator."""
         text = CONFIG.format(port=self.emulator_port, extra=extra_vod)
@@ -200,7 +209,7 @@ def test_start_reaches_active_through_ready(deployed: Deployment) -> None:
     assert started.returncode == 0, deployed.journal()
     assert deployed.box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == \
         "active", deployed.journal()
-    assert wait_until(lambda: '"event": "daemon.started"' in deployed.journal(), START_S)
+    assert wait_until(lambda: deployed.logged("daemon.started"), START_S), deployed.journal()
 
 
 def test_watchdog_restarts_a_frozen_daemon(deployed: Deployment) -> None:
@@ -224,7 +233,7 @@ def test_reload_rereads_the_config_in_place(deployed: Deployment) -> None:
     before = deployed.ensure_running()
     since = deployed.now()
     deployed.box.run("systemctl", "reload", UNIT, timeout_s=START_S)
-    assert wait_until(lambda: '"event": "config.reloaded"' in deployed.journal(since),
+    assert wait_until(lambda: deployed.logged("config.reloaded", since),
                       START_S), deployed.journal(since)
     assert wait_until(lambda: deployed.status()["ActiveState"] == "active", START_S)
     assert deployed.status()["MainPID"] == before["MainPID"]
