@@ -234,6 +234,8 @@ class DaemonProc:
                        "retries": 3}],
         }
         for table, values in (extra or {}).items():
+            if table == "ledger" and values:
+                document[table] = {}  # a url replaces the default path; both are an error
             document.setdefault(table, {}).update(values)
         write_config(self.config_path, document)
         env = dict(CREDENTIALS)

@@ -84,7 +84,10 @@ def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
             last = sample
             if confirmed >= events:
                 break
-        assert first is not None and last is not None, "nothing was confirmed"
+        if first is None or last is None:
+            log = daemon.log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"{processes} process(es) on {ledger or 'sqlite'}: nothing was "
+                             f"confirmed in {max_s:.0f} s; the daemon's log ends:\n{log}")
         seconds = last[0] - first[0]
         done = last[2] - first[2]
         busy = last[3][0] - first[3][0]

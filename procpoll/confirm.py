@@ -44,7 +44,7 @@ class Confirmer:
                  pacer: Pacer | None = None, heartbeat: Heartbeat | None = None,
                  call_limit_s: float = 30.0, metrics: Metrics | None = None) -> None:
         self._factory = client_factory
-        self._pacer = pacer
+        self.pacer = pacer
         self._on_confirmed = on_confirmed
         self._heartbeat = heartbeat
         self._call_limit_s = call_limit_s
@@ -102,8 +102,8 @@ class Confirmer:
             if not pending:
                 return None
             self._sending[app] += 1
-        if self._pacer is not None:
-            self._pacer.wait()  # handles completing meanwhile ride in this call
+        if self.pacer is not None:
+            self.pacer.wait()  # handles completing meanwhile ride in this call
         with self._cv:
             now = self._clock()
             batch: list[Receipt] = []
@@ -189,8 +189,8 @@ class Confirmer:
         of transient failures, to be retried like any other."""
         retry: list[Receipt] = []
         for receipt in batch:
-            if self._pacer is not None:
-                self._pacer.wait()
+            if self.pacer is not None:
+                self.pacer.wait()
             try:
                 self._call(api, app, [receipt])
             except ExpiredHandleError as exc:

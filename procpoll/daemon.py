@@ -113,11 +113,13 @@ class Daemon:
         self._config_path = config_path
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
-        self._pull_pacer = Pacer(config.vod.requests_per_s, sleep=self.stop_event.wait)
+        # With `processes = N` the service's rate is split between its N workers.
+        share_per_s = config.vod.requests_per_s / config.daemon.processes
+        self.pull_pacer = Pacer(share_per_s, sleep=self.stop_event.wait)
         self._pull_gate = _PullGate()
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
                                    on_confirmed=self._record_confirmed,
-                                   pacer=Pacer(config.vod.requests_per_s),
+                                   pacer=Pacer(share_per_s),
                                    heartbeat=self.heartbeat,
                                    call_limit_s=self._api_call_limit_s(config),
                                    metrics=self.metrics)
@@ -522,7 +524,7 @@ class Daemon:
                             sleep=self._sleep, before_sleep=_log_pull_error(app), reraise=True)
         for attempt in retrying:
             with attempt:
-                self._pull_pacer.wait()
+                self.pull_pacer.wait()
                 if self.stop_event.is_set():
                     raise _Stopped
                 sent_at = self._clock()

@@ -281,6 +281,7 @@ class Pacer:
     def __init__(self, rate: float = API_PACE_PER_S, burst: int = 5, *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = time.sleep) -> None:
+        self.rate = rate
         self._interval = 1.0 / rate
         self._slack = burst * self._interval
         self._clock = clock
