@@ -62,7 +62,7 @@ def drop_schema(url: str) -> None:
 
 
 def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
-          max_s: float) -> dict[str, Any]:
+          max_s: float, daemon_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     backlog = workdir / "events.json"
@@ -70,7 +70,8 @@ def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
     receiver = ReceiverProc(20.0)
     emu = EmulatorProc(rate=100.0, latency_ms=20.0, from_file=backlog)
     daemon = DaemonProc(workdir, emu.endpoint, receiver.url,
-                        extra={"daemon": {"processes": processes}, "ledger": ledger})
+                        extra={"daemon": {"processes": processes, **(daemon_extra or {})},
+                               "ledger": ledger})
     try:
         first: tuple[float, float, int, tuple[float, float]] | None = None
         last = first

@@ -290,7 +290,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         return Supervisor(config, args.config).run()
     shared = bool(worker) or bool(config.ledger.url)
-    return Daemon(config, config_path=args.config, shared_ledger=shared).run()
+    # The workers of one service split the account's call rate between them.
+    shares = config.daemon.processes if worker else 1
+    return Daemon(config, config_path=args.config, shared_ledger=shared,
+                  rate_shares=shares).run()
 
 
 def _cmd_once(args: argparse.Namespace) -> int:

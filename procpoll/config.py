@@ -325,6 +325,10 @@ def _sinks(top: Table, problems: Problems, ledger: LedgerConfig,
             t.bad("name", f"duplicate sink name {sink.name!r}")
         names.add(sink.name)
         _claim_output(t, sink, writers)
+        if isinstance(sink.options, StdoutOptions) and daemon.processes > 1:
+            t.bad("type", f"a stdout sink writes one stream, and the {daemon.processes} "
+                          "processes of daemon.processes would interleave their lines in it; "
+                          "use a file sink, or daemon.processes = 1")
         sinks.append(sink)
     return tuple(sinks)
 

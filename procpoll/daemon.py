@@ -87,7 +87,8 @@ class Daemon:
     def __init__(self, config: Config, *, client_factory: Callable[[], VodApi] | None = None,
                  environ: dict[str, str] | None = None, notifier: Notifier | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 config_path: Path | None = None, shared_ledger: bool = False) -> None:
+                 config_path: Path | None = None, shared_ledger: bool = False,
+                 rate_shares: int = 1) -> None:
         self.config = config
         self.credentials = CredentialChain(config.credentials, environ)
         self._factory = client_factory or (lambda: TencentVod(config.vod, self.credentials))
@@ -113,8 +114,8 @@ class Daemon:
         self._config_path = config_path
         # VOD allows 100 calls/s per action and account: pulls of every sub-app share one
         # pacer, confirms another, so more threads overlap calls without being refused.
-        # With `processes = N` the service's rate is split between its N workers.
-        share_per_s = config.vod.requests_per_s / config.daemon.processes
+        # `rate_shares`: the processes of the service splitting that rate (its workers).
+        share_per_s = config.vod.requests_per_s / rate_shares
         self.pull_pacer = Pacer(share_per_s, sleep=self.stop_event.wait)
         self._pull_gate = _PullGate()
         self.confirmer = Confirmer(self._factory, self.apps, clock=clock,
@@ -300,7 +301,8 @@ class Daemon:
         log.info("daemon.started", pid=os.getpid(), credentials=secrets.source,
                  endpoint=self.config.vod.endpoint, sub_app_ids=[a or 0 for a in self.apps],
                  sinks=[r.config.name for r in self.dispatcher.routes],
-                 ledger=self.ledger.name, shared_ledger=self.ledger.shared)
+                 ledger=self.ledger.name, shared_ledger=self.ledger.shared,
+                 requests_per_s=round(self.pull_pacer.rate, 2))
         self._prune()
 
     def _prune(self) -> bool:

@@ -161,3 +161,16 @@ def test_sinks_on_standard_output_and_distinct_files_are_accepted(tmp_path: Path
         {"name": "c", "type": "stdout"}, {"name": "d", "type": "stdout", "path": "-"}),
         "cfg.toml")
     assert [s.name for s in config.sinks] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("path", ["-", "events.fifo"])
+def test_a_stdout_sink_with_several_processes_is_refused(tmp_path: Path, path: str) -> None:
+    """N processes writing one stream would interleave their lines (a pipe keeps only writes
+    up to 4 KiB whole, and a torn line is known only to the process that tore it)."""
+    document = with_ledger(tmp_path, {"name": "out", "type": "stdout", "path": path})
+    document["daemon"] = {"processes": 2}
+    found = problems(document)
+    assert len(found) == 1
+    assert "sinks[0].type" in found[0] and "interleave" in found[0]
+    document["daemon"] = {"processes": 1}
+    assert parse_config(document, "cfg.toml").sinks[0].name == "out"

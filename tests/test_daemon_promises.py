@@ -200,13 +200,13 @@ def test_pulling_stops_while_the_ledger_fails_and_resumes_when_it_answers(
 
 def test_workers_of_one_service_share_the_accounts_call_rate(
         tmp_path: Path, emulator: Emulator) -> None:
-    """VOD's limit is per account and action: with `processes = 4`, each worker paces its
-    pulls and its confirms to a quarter of `requests_per_s`, so the service stays under it."""
+    """VOD's limit is per account and action: a worker of a service of 4 processes paces
+    its pulls and its confirms to a quarter of `requests_per_s`, so the service stays under
+    it."""
     config = daemon_config(tmp_path, emulator, [file_sink(tmp_path)])
-    config = dataclasses.replace(
-        config, vod=dataclasses.replace(config.vod, requests_per_s=90.0),
-        daemon=dataclasses.replace(config.daemon, processes=4))
-    daemon = Daemon(config, environ=emulator_env(emulator), shared_ledger=True)
+    config = dataclasses.replace(config, vod=dataclasses.replace(config.vod,
+                                                                 requests_per_s=90.0))
+    daemon = Daemon(config, environ=emulator_env(emulator), shared_ledger=True, rate_shares=4)
     try:
         assert daemon.pull_pacer.rate == 22.5
         assert daemon.confirmer.pacer is not None and daemon.confirmer.pacer.rate == 22.5

@@ -108,6 +108,9 @@ def test_ready_only_once_every_worker_is_ready(tmp_path: Path, emulator: Emulato
         wait_ready(service)
         assert len(service.ready_messages()) == 1
         assert "STATUS=3/3 workers ready" in service.ready_messages()[0]
+        # VOD's call limit is the account's: each worker paces to a third of the default 95/s.
+        started = service.worker_log("daemon.started")
+        assert [r["requests_per_s"] for r in started] == [31.67] * WORKERS
 
 
 def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path, emulator: Emulator) -> None:

@@ -1,7 +1,13 @@
-"""The file sink: one normal-callback JSON object per line, fsync'd before it counts."""
+"""The file sink: one normal-callback JSON object per line, fsync'd before it counts.
+
+Each line is written under an exclusive flock of the file, so the processes of one service
+(`[daemon] processes = N`) append whole lines one after the other, and a failed write's
+undo (a truncate to where its line began) cannot cut a line another process appended.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from dataclasses import dataclass
@@ -48,13 +54,8 @@ class FileSink:
     def _open(self) -> int:
         if self._fd is None:
             self._options.path.parent.mkdir(parents=True, exist_ok=True)
-            # Read access too: the cut-line check below reads the last byte (EBADF otherwise).
-            fd = os.open(self._options.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                # A crash cut the last line short: start on a fresh line.
-                os.write(fd, b"\n")
-            self._fd = fd
+            # Read access too: the cut-line check reads the last byte (EBADF otherwise).
+            self._fd = os.open(self._options.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         return self._fd
 
     def deliver(self, delivery: Delivery) -> None:
@@ -62,9 +63,17 @@ class FileSink:
         line = delivery.event.callback_body() + b"\n"
         with self._lock:
             start = None
+            locked = False
             try:
                 fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
                 start = os.fstat(fd).st_size
+                if start and os.pread(fd, 1, start - 1) != b"\n":
+                    # A crash (of this or another process) cut the last line short: start
+                    # on a fresh line; the cut one stays, as a line no reader can parse.
+                    os.write(fd, b"\n")
+                    start += 1
                 view = memoryview(line)
                 while view:
                     view = view[os.write(fd, view):]
@@ -73,6 +82,9 @@ class FileSink:
             except OSError as exc:
                 self._undo(start)
                 raise SinkError(f"{self._options.path}: {exc.strerror or exc}") from exc
+            finally:
+                if locked and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _undo(self, start: int | None) -> None:
         """Cut a half-written line (disk full) so a retry does not leave junk behind."""
