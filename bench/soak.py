@@ -47,8 +47,8 @@ def _chaos_rows(report: ChaosReport, concurrency: int) -> list[tuple[str, str]]:
         ("duplicates at sinks", f"{report.duplicate_total} "
                                 f"({', '.join(f'{k} {v}' for k, v in report.duplicates.items())})"),
         ("  in the crash window at a kill", f"{report.at_risk} "
-                                            f"(bound: kills x concurrency = "
-                                            f"{report.kills * concurrency})"),
+                                            f"(bound: kills x concurrency x 2 sinks = "
+                                            f"{report.kills * concurrency * 2})"),
         ("  unexplained", f"{len(report.unexplained_duplicates)}"),
         ("peak RSS", f"{report.peak_rss_kib / 1024:.1f} MiB"),
         ("wall time", f"{report.seconds:.0f} s"),
