@@ -329,3 +329,43 @@ def test_bad_config_reason_is_an_error_in_the_journal(deployed: Deployment) -> N
         assert wait_until(
             lambda: "vod.request_timeout" in deployed.journal(since, priority="err"), START_S
         ), deployed.journal(since)
+
+
+def test_two_processes_under_the_hardened_unit(deployed: Deployment) -> None:
+    """`[daemon] processes = 2` under the unit as shipped (DynamicUser, ProtectProc=invisible,
+    the syscall filter): READY=1 once both workers are up, events delivered and confirmed,
+    each worker paced to half the call rate, and `systemctl stop` ends everything with 0."""
+    box = deployed.box
+    box.run("systemctl", "stop", UNIT, check=False, timeout_s=START_S)
+    box.run("systemctl", "reset-failed", UNIT, check=False)
+    deployed.configure('[daemon]\nprocesses = 2\n')
+    try:
+        since = deployed.now()
+        started = box.run("systemctl", "start", UNIT, check=False, timeout_s=START_S)
+        assert started.returncode == 0, deployed.journal(since)
+
+        def records(event: str) -> list[dict[str, Any]]:
+            found = []
+            for line in deployed.journal(since).splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("event") == event:
+                        found.append(record)
+            return found
+
+        assert wait_until(lambda: len(records("daemon.started")) == 2, START_S), \
+            deployed.journal(since)
+        assert {r["requests_per_s"] for r in records("daemon.started")} == {47.5}
+        confirmed_before = deployed.emulator("/_emulator/stats")["confirmed"]
+        deployed.emulator("/_emulator/events", generate_events(6, seed=31))
+        assert wait_until(
+            lambda: deployed.emulator("/_emulator/stats")["confirmed"] >= confirmed_before + 6,
+            START_S), deployed.journal(since)
+        box.run("systemctl", "stop", UNIT, timeout_s=START_S)
+        status = deployed.status()
+        assert (status["Result"], status["ExecMainStatus"]) == ("success", "0"), \
+            deployed.journal(since)
+        assert len(records("daemon.stopped")) == 2, deployed.journal(since)
+    finally:
+        deployed.configure()
+        box.run("systemctl", "reset-failed", UNIT, check=False)
