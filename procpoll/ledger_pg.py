@@ -110,30 +110,52 @@ SELECT %(key)s, %(occurrence)s,
 ON CONFLICT DO NOTHING
 """
 
-# The earliest other event of the task still unresolved, active within hold_s, and first
-# seen before this one (before now if this one is new).
-_BLOCKER = """
-SELECT event_key FROM procpoll_deliveries
-WHERE ordering_key = %(ordering)s AND event_key <> %(did)s
-  AND delivered_at IS NULL AND dead_at IS NULL AND updated_at > %(now)s - %(hold_s)s
-  AND first_seen < coalesce(
-      (SELECT min(first_seen) FROM procpoll_deliveries WHERE event_key = %(did)s), %(now)s)
-ORDER BY first_seen LIMIT 1
+# Several confirmations in one statement (DO NOTHING may meet one row twice).
+_CONFIRM_MANY = """
+INSERT INTO procpoll_confirmations (event_key, occurrence, confirmed_at)
+SELECT k.key, k.occurrence, coalesce(%(now)s::float8, extract(epoch from clock_timestamp()))
+FROM unnest(%(keys)s::text[], %(occurrences)s::integer[]) AS k (key, occurrence)
+ON CONFLICT DO NOTHING
 """
 
-# Takes the sink unless it is done or another owner's lease is live: the row lock
-# ON CONFLICT takes makes two concurrent claimers see each other's result.
+# The confirmations of an event key (first column NULL), and the rows of one delivery id.
+_LOOKUP = """
+SELECT NULL::text, occurrence, NULL::float8, NULL::boolean, NULL::boolean
+FROM procpoll_confirmations WHERE event_key = %(key)s
+UNION ALL
+SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, dead_at IS NOT NULL
+FROM procpoll_deliveries WHERE event_key = %(did)s
+"""
+
+# The claim, run once the task's advisory lock is held: (blocker, sinks taken, now).
+# The blocker is the earliest other event of the task still unresolved, active within
+# hold_s, and first seen before this one (before now if this one is new); with one, nothing
+# is taken. Otherwise each sink is taken unless it is done or another owner's lease is
+# live: the row lock ON CONFLICT takes makes two concurrent claimers see each other's
+# result. `t` is read once (a CTE with a volatile function is computed once).
 _CLAIM = """
-INSERT INTO procpoll_deliveries AS d (event_key, sink, first_seen, attempts, ordering_key,
-                                      claim_owner, claim_expires, updated_at)
-VALUES (%(did)s, %(sink)s, %(now)s, 0, %(ordering)s, %(owner)s, %(expires)s, %(now)s)
-ON CONFLICT (event_key, sink) DO UPDATE SET claim_owner = excluded.claim_owner,
-    claim_expires = excluded.claim_expires, updated_at = excluded.updated_at,
-    ordering_key = coalesce(d.ordering_key, excluded.ordering_key)
-WHERE d.delivered_at IS NULL AND d.dead_at IS NULL
-  AND (d.claim_owner IS NULL OR d.claim_owner = excluded.claim_owner
-       OR d.claim_expires IS NULL OR d.claim_expires <= excluded.updated_at)
-RETURNING 1
+WITH t AS (SELECT coalesce(%(now)s::float8, extract(epoch from clock_timestamp())) AS now),
+blocker AS (
+    SELECT d.event_key FROM procpoll_deliveries AS d, t
+    WHERE d.ordering_key = %(ordering)s AND d.event_key <> %(did)s
+      AND d.delivered_at IS NULL AND d.dead_at IS NULL AND d.updated_at > t.now - %(hold_s)s
+      AND d.first_seen < coalesce(
+          (SELECT min(first_seen) FROM procpoll_deliveries WHERE event_key = %(did)s), t.now)
+    ORDER BY d.first_seen LIMIT 1),
+claimed AS (
+    INSERT INTO procpoll_deliveries AS d (event_key, sink, first_seen, attempts, ordering_key,
+                                          claim_owner, claim_expires, updated_at)
+    SELECT %(did)s, s.sink, t.now, 0, %(ordering)s, %(owner)s, t.now + %(lease_s)s, t.now
+    FROM unnest(%(sinks)s::text[]) AS s (sink), t
+    WHERE NOT EXISTS (SELECT 1 FROM blocker)
+    ON CONFLICT (event_key, sink) DO UPDATE SET claim_owner = excluded.claim_owner,
+        claim_expires = excluded.claim_expires, updated_at = excluded.updated_at,
+        ordering_key = coalesce(d.ordering_key, excluded.ordering_key)
+    WHERE d.delivered_at IS NULL AND d.dead_at IS NULL
+      AND (d.claim_owner IS NULL OR d.claim_owner = excluded.claim_owner
+           OR d.claim_expires IS NULL OR d.claim_expires <= excluded.updated_at)
+    RETURNING d.sink)
+SELECT (SELECT event_key FROM blocker), ARRAY(SELECT sink FROM claimed), (SELECT now FROM t)
 """
 
 _PRUNE_DELIVERIES = """
@@ -146,9 +168,11 @@ DELETE FROM procpoll_confirmations WHERE confirmed_at
     < coalesce(%(now)s::float8, extract(epoch from clock_timestamp())) - %(retention_s)s
 """
 
+# Why sinks were not taken: (sink, done, owner, seconds left on the owner's lease).
 _NOT_CLAIMED = """
-SELECT delivered_at IS NOT NULL OR dead_at IS NOT NULL, claim_owner, claim_expires
-FROM procpoll_deliveries WHERE event_key = %(did)s AND sink = %(sink)s
+SELECT sink, delivered_at IS NOT NULL OR dead_at IS NOT NULL, claim_owner,
+       claim_expires - %(now)s
+FROM procpoll_deliveries WHERE event_key = %(did)s AND sink = ANY(%(sinks)s)
 """
 
 
@@ -233,17 +257,22 @@ class PostgresLedger:
     def lookup(self, event_key: str, after: int = -1) -> tuple[int, dict[str, SinkState]]:
         """The first occurrence above `after` whose confirmation is not recorded, and per
         sink what is known of it (see Ledger.lookup)."""
+        # One round trip in the usual case: the confirmations, and the rows of the
+        # occurrence right after `after`, which is the answer unless it was confirmed.
+        guess = after + 1
         with self._connection("read") as conn:
-            confirmed = [row[0] for row in conn.execute(
-                "SELECT occurrence FROM procpoll_confirmations WHERE event_key = %s",
-                (event_key,))]
+            rows = conn.execute(_LOOKUP, {"key": event_key,
+                                          "did": delivery_id(event_key, guess)}).fetchall()
+            confirmed = [row[1] for row in rows if row[0] is None]
             occurrence = next_occurrence(confirmed, after)
-            rows = conn.execute(
-                "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, "
-                "dead_at IS NOT NULL FROM procpoll_deliveries WHERE event_key = %s",
-                (delivery_id(event_key, occurrence),)).fetchall()
+            states = [row[:5] for row in rows if row[0] is not None]
+            if occurrence != guess:
+                states = conn.execute(
+                    "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, "
+                    "dead_at IS NOT NULL FROM procpoll_deliveries WHERE event_key = %s",
+                    (delivery_id(event_key, occurrence),)).fetchall()
         return occurrence, {sink: SinkState(attempts, first, bool(delivered), bool(dead))
-                            for sink, attempts, first, delivered, dead in rows}
+                            for sink, attempts, first, delivered, dead in states}
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         """One transaction: the task's advisory lock, the ordering check, each sink's claim.
@@ -253,14 +282,37 @@ class PostgresLedger:
         are not worth waiting for a WAL flush (synchronous_commit off for this transaction
         only): one lost in a server crash is taken over by whoever pulls the event next.
         """
+        params: dict[str, Any] = {
+            "did": request.delivery_id, "sinks": list(request.sinks),
+            "ordering": request.ordering_key, "now": self._clock(), "hold_s": request.hold_s,
+            "owner": request.owner, "lease_s": request.lease_s}
+        # The claim is a statement of its own, so its snapshot is taken once the lock is
+        # held and it sees what the previous holder committed.
         with self._connection("claim") as conn, conn.transaction():
-            server_now = conn.execute(
-                "SELECT extract(epoch from clock_timestamp())::float8, "
-                "set_config('synchronous_commit', 'off', true) "
-                "FROM pg_advisory_xact_lock(hashtext(%s))", (request.ordering_key,),
-            ).fetchone()
-            now = self._now() if self._now is not None else _first(server_now)
-            return _claim(conn, request, now)
+            conn.execute("SELECT set_config('synchronous_commit', 'off', true) "
+                         "FROM pg_advisory_xact_lock(hashtext(%(ordering)s))", params)
+            row = conn.execute(_CLAIM, params).fetchone()
+            assert row is not None  # noqa: S101 -- a SELECT without FROM returns one row
+            blocker, claimed, params["now"] = row
+            if blocker is not None:
+                return ClaimResult(blocked_by=blocker)
+            acquired = tuple(sink for sink in request.sinks if sink in claimed)
+            if len(acquired) == len(request.sinks):
+                return ClaimResult(acquired)
+            # Each sink not taken is done, or held by another owner whose lease is live.
+            params["sinks"] = [sink for sink in request.sinks if sink not in claimed]
+            states: dict[str, tuple[bool, str, float]] = {
+                sink: (finished, owner, left_s)
+                for sink, finished, owner, left_s in conn.execute(_NOT_CLAIMED, params)}
+        held: dict[str, tuple[str, float]] = {}
+        done: list[str] = []
+        for sink in params["sinks"]:
+            state = states.get(sink)  # a row gone (pruned) is done too
+            if state is None or state[0]:
+                done.append(sink)
+            else:
+                held[sink] = state[1:]
+        return ClaimResult(acquired, held, tuple(done))
 
     def ping(self) -> None:
         """Raise LedgerError unless the database answers."""
@@ -288,11 +340,19 @@ class PostgresLedger:
             return
         with self._connection("write") as conn:
             started = time.monotonic()
-            with conn.transaction(), conn.cursor() as cursor:
-                if rows:
-                    cursor.executemany(_UPSERT, rows)
-                if confirmed:
-                    cursor.executemany(_CONFIRM, confirmed)
+            if len(rows) == 1 and not confirmed:
+                # One statement is atomic on its own: no BEGIN and COMMIT round trips.
+                conn.execute(_UPSERT, rows[0])
+            elif confirmed and not rows:
+                conn.execute(_CONFIRM_MANY, {
+                    "keys": [c["key"] for c in confirmed], "now": now,
+                    "occurrences": [c["occurrence"] for c in confirmed]})
+            else:
+                with conn.transaction(), conn.cursor() as cursor:
+                    if rows:
+                        cursor.executemany(_UPSERT, rows)
+                    if confirmed:
+                        cursor.executemany(_CONFIRM, confirmed)
             elapsed_s = time.monotonic() - started
         if self._on_commit is not None:
             self._on_commit(elapsed_s)
@@ -336,31 +396,6 @@ def _create_schema(conn: Connection, schema: str | None, name: str) -> None:
         if version is None:
             conn.execute(_TABLES)
             conn.execute("INSERT INTO procpoll_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
-
-
-def _claim(conn: Connection, request: ClaimRequest, now: float) -> ClaimResult:
-    """The claim's statements, inside the caller's transaction."""
-    did = request.delivery_id
-    params: dict[str, Any] = {"did": did, "ordering": request.ordering_key, "now": now,
-                              "hold_s": request.hold_s, "owner": request.owner,
-                              "expires": now + request.lease_s}
-    blocker = conn.execute(_BLOCKER, params).fetchone()
-    if blocker is not None:
-        return ClaimResult(blocked_by=blocker[0])
-    acquired: list[str] = []
-    held: dict[str, tuple[str, float]] = {}
-    done: list[str] = []
-    for sink in request.sinks:
-        params["sink"] = sink
-        if conn.execute(_CLAIM, params).fetchone() is not None:
-            acquired.append(sink)
-            continue
-        row = conn.execute(_NOT_CLAIMED, params).fetchone()
-        if row is None or row[0]:
-            done.append(sink)
-        else:
-            held[sink] = (row[1], row[2] - now)
-    return ClaimResult(tuple(acquired), held, tuple(done))
 
 
 def _first(row: TupleRow | None) -> Any:

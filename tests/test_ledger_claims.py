@@ -157,6 +157,10 @@ def test_occurrences_are_shared_between_consumers(make_ledger: MakeLedger) -> No
     occurrence, states = b.lookup("k")
     assert (occurrence, states) == (1, {})
     assert b.claim(req(delivery_id("k", 1), "B")).acquired == ("s",)
+    b.record([Outcome(delivery_id("k", 1), "s", delivered=True)])
+    occurrence, states = a.lookup("k")
+    assert occurrence == 1 and states["s"].delivered
+    assert a.lookup("k", 1) == (2, {})
 
 
 def test_concurrent_claims_give_each_sink_to_exactly_one_owner(make_ledger: MakeLedger) -> None:

@@ -89,6 +89,27 @@ def test_outcomes_count_attempts_keep_first_seen_and_release_claims(pg_url: str)
     ledger.close()
 
 
+def test_every_shape_of_record_lands_in_one_piece(pg_url: str) -> None:
+    """One outcome, a batch of confirmations (one of them twice, one already recorded), and
+    outcomes with confirmations together: each lands, and a failing batch leaves nothing
+    behind."""
+    ledger = PostgresLedger(pg_url, retention_s=3600, now=lambda: 1000.0)
+    ledger.record([Outcome("a", "s", delivered=True, ordering_key="task:a")])
+    ledger.record_confirmed([Confirmation("a", 0)])
+    ledger.record_confirmed([Confirmation("a", 0), Confirmation("b", 0), Confirmation("b", 0),
+                             Confirmation("b", 1)])
+    ledger.record([Outcome("c", "s", delivered=True),
+                   Outcome("c", "t", delivered=False, dead=True)], [Confirmation("c", 0)])
+    assert ledger.lookup("a") == (1, {})
+    assert ledger.lookup("b") == (2, {})
+    assert ledger.lookup("c") == (1, {})
+    assert ledger.counts() == {"delivered": 2, "dead": 1, "failing": 0}
+    with pytest.raises(LedgerError):  # an occurrence beyond integer: the whole batch fails
+        ledger.record_confirmed([Confirmation("d", 0), Confirmation("e", 2**40)])
+    assert ledger.lookup("d") == (0, {})
+    ledger.close()
+
+
 def test_prune_forgets_rows_older_than_retention(pg_url: str) -> None:
     """Deliveries and confirmations older than the retention go; newer ones stay."""
     now = [0.0]

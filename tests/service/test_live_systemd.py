@@ -1,4 +1,5 @@
-"""procpoll.service under a real systemd 252: readiness, watchdog, outage, reload, stop, bad config.
+"""procpoll.service under a real systemd 252: readiness, watchdog, outage, reload, stop, bad
+config, two processes.
 
 One systemd is booted for the module (tests/service/live_systemd.py), procpoll is installed in it
 with /usr/bin/python3 exactly as the README says, the VOD emulator runs there as a transient unit,
