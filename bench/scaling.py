@@ -7,6 +7,7 @@ process tree (the supervisor and its workers).
 
     python bench/scaling.py                   # about 2 minutes
     python bench/scaling.py --events 3000 --postgres ""   # SQLite only
+    python bench/scaling.py --before /tmp/pp-before        # old and new code, alternating
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def drop_schema(url: str) -> None:
 
 
 def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
-          max_s: float, daemon_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+          max_s: float, daemon_extra: dict[str, Any] | None = None,
+          source: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     backlog = workdir / "events.json"
@@ -71,7 +73,7 @@ def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
     emu = EmulatorProc(rate=100.0, latency_ms=20.0, from_file=backlog)
     daemon = DaemonProc(workdir, emu.endpoint, receiver.url,
                         extra={"daemon": {"processes": processes, **(daemon_extra or {})},
-                               "ledger": ledger})
+                               "ledger": ledger}, source=source)
     try:
         first: tuple[float, float, int, tuple[float, float]] | None = None
         last = first
@@ -93,7 +95,8 @@ def drain(workdir: Path, events: int, processes: int, ledger: dict[str, Any],
         done = last[2] - first[2]
         busy = last[3][0] - first[3][0]
         total = last[3][1] - first[3][1]
-        return {"processes": processes, "ledger": "postgresql" if "url" in ledger else "sqlite",
+        return {"code": "before" if source else "this tree", "processes": processes,
+                "ledger": "postgresql" if "url" in ledger else "sqlite",
                 "events": events, "drained": last[2] >= events,
                 "events_per_s": round(done / seconds, 1) if seconds else 0.0,
                 "cpu_ms_per_event": round((last[1] - first[1]) / done * 1000, 3) if done else 0,
@@ -110,6 +113,9 @@ def main() -> None:
     parser.add_argument("--max-s", type=float, default=60.0)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help='PostgreSQL server for the shared-ledger rows ("" = skip them)')
+    parser.add_argument("--before", type=Path, default=None,
+                        help="also run each row with the daemon from this source tree, "
+                             "alternating with this one (a git worktree of an older commit)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="procpoll-scaling-"))
     rows = []
@@ -117,24 +123,26 @@ def main() -> None:
     try:
         for backend in backends:
             for processes in (1, 2):
-                # A fresh ledger per row: a row must not find the previous one's deliveries.
-                ledger: dict[str, Any] = {} if backend == "sqlite" else {
-                    "url": f"{args.postgres}?schema=bench_{secrets.token_hex(4)}"}
-                name = f"{backend}-{processes}"
-                try:
-                    row = drain(root / name, args.events, processes, ledger, args.max_s)
-                finally:
-                    if "url" in ledger:
-                        drop_schema(ledger["url"])
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for source in ([args.before] if args.before else []) + [None]:
+                    # A fresh ledger per row: it must not find an earlier row's deliveries.
+                    ledger: dict[str, Any] = {} if backend == "sqlite" else {
+                        "url": f"{args.postgres}?schema=bench_{secrets.token_hex(4)}"}
+                    name = f"{backend}-{processes}{'-before' if source else ''}"
+                    try:
+                        row = drain(root / name, args.events, processes, ledger, args.max_s,
+                                    source=source)
+                    finally:
+                        if "url" in ledger:
+                            drop_schema(ledger["url"])
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nmachine: {os.cpu_count()} CPUs; events/s and CPU ms per event, same run")
-    base = {r["ledger"]: r for r in rows if r["processes"] == 1}
+    base = {(r["code"], r["ledger"]): r for r in rows if r["processes"] == 1}
     for row in rows:
-        ratio = row["events_per_s"] / base[row["ledger"]]["events_per_s"]
-        print(f"  {row['ledger']:<10} processes={row['processes']}  "
+        ratio = row["events_per_s"] / base[row["code"], row["ledger"]]["events_per_s"]
+        print(f"  {row['code']:<9}  {row['ledger']:<10} processes={row['processes']}  "
               f"{row['events_per_s']:>7} events/s  {row['cpu_ms_per_event']:>6} ms CPU/event  "
               f"x{ratio:.2f}  machine busy {row['machine_busy']:.0%}")
 
