@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from procpoll.errors import LedgerError
 
@@ -69,6 +69,19 @@ CREATE INDEX IF NOT EXISTS confirmations_confirmed_at ON confirmations (confirme
 """
 
 
+# A key's confirmations (first column NULL), then the rows of one delivery id.
+_LOOKUP = """
+SELECT NULL, occurrence, NULL, NULL, NULL FROM confirmations WHERE event_key = ?
+UNION ALL
+SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, dead_at IS NOT NULL
+FROM deliveries WHERE event_key = ?
+"""
+_STATES = """
+SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, dead_at IS NOT NULL
+FROM deliveries WHERE event_key = ?
+"""
+
+
 # Columns schema 1 lacked; added in place when a version-1 ledger is opened.
 _V1_TO_V2 = ("ordering_key TEXT", "claim_owner TEXT", "claim_expires REAL", "updated_at REAL")
 
@@ -85,6 +98,28 @@ def next_occurrence(confirmed: Iterable[int], after: int = -1) -> int:
     while occurrence in taken:
         occurrence += 1
     return occurrence
+
+
+StateRow = tuple[str, int, float, bool, bool]  # sink, attempts, first_seen, delivered, dead
+
+
+def lookup_rows(rows: Iterable[tuple[Any, ...]], after: int
+                ) -> tuple[int, list[StateRow] | None]:
+    """Read one lookup query: the key's confirmations (rows whose first column is NULL)
+    and the deliveries of occurrence `after + 1`. Returns the occurrence a new handle
+    stands for, and its rows, or None when that is another occurrence, to be read apart.
+    """
+    rows = list(rows)
+    occurrence = next_occurrence((row[1] for row in rows if row[0] is None), after)
+    if occurrence != after + 1:
+        return occurrence, None
+    return occurrence, [(sink, *rest) for sink, *rest in rows if sink is not None]
+
+
+def sink_states(rows: Iterable[StateRow]) -> dict[str, SinkState]:
+    """Per sink, the state of the given delivery rows."""
+    return {sink: SinkState(attempts, first, bool(delivered), bool(dead))
+            for sink, attempts, first, delivered, dead in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,20 +296,16 @@ class Ledger:
         """
         reader = self._reader()
         try:
-            confirmed = [row[0] for row in reader.execute(
-                "SELECT occurrence FROM confirmations WHERE event_key = ?", (event_key,))]
-            occurrence = next_occurrence(confirmed, after)
-            rows = reader.execute(
-                "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, "
-                "dead_at IS NOT NULL FROM deliveries WHERE event_key = ?",
-                (delivery_id(event_key, occurrence),),
-            ).fetchall()
+            # One query in the usual case (see lookup_rows).
+            occurrence, rows = lookup_rows(reader.execute(
+                _LOOKUP, (event_key, delivery_id(event_key, after + 1))), after)
+            if rows is None:
+                rows = reader.execute(_STATES, (delivery_id(event_key, occurrence),)).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: read failed: {exc}") from exc
         finally:
             self._readers.put(reader)
-        return occurrence, {sink: SinkState(attempts, first, bool(delivered), bool(dead))
-                            for sink, attempts, first, delivered, dead in rows}
+        return occurrence, sink_states(rows)
 
     def _reader(self) -> sqlite3.Connection:
         try:

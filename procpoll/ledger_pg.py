@@ -29,7 +29,8 @@ from procpoll.ledger import (
     Outcome,
     SinkState,
     delivery_id,
-    next_occurrence,
+    lookup_rows,
+    sink_states,
 )
 
 SCHEMA_VERSION = 1
@@ -123,6 +124,11 @@ _LOOKUP = """
 SELECT NULL::text, occurrence, NULL::float8, NULL::boolean, NULL::boolean
 FROM procpoll_confirmations WHERE event_key = %(key)s
 UNION ALL
+SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, dead_at IS NOT NULL
+FROM procpoll_deliveries WHERE event_key = %(did)s
+"""
+
+_STATES = """
 SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, dead_at IS NOT NULL
 FROM procpoll_deliveries WHERE event_key = %(did)s
 """
@@ -257,22 +263,14 @@ class PostgresLedger:
     def lookup(self, event_key: str, after: int = -1) -> tuple[int, dict[str, SinkState]]:
         """The first occurrence above `after` whose confirmation is not recorded, and per
         sink what is known of it (see Ledger.lookup)."""
-        # One round trip in the usual case: the confirmations, and the rows of the
-        # occurrence right after `after`, which is the answer unless it was confirmed.
-        guess = after + 1
         with self._connection("read") as conn:
-            rows = conn.execute(_LOOKUP, {"key": event_key,
-                                          "did": delivery_id(event_key, guess)}).fetchall()
-            confirmed = [row[1] for row in rows if row[0] is None]
-            occurrence = next_occurrence(confirmed, after)
-            states = [row[:5] for row in rows if row[0] is not None]
-            if occurrence != guess:
-                states = conn.execute(
-                    "SELECT sink, attempts, first_seen, delivered_at IS NOT NULL, "
-                    "dead_at IS NOT NULL FROM procpoll_deliveries WHERE event_key = %s",
-                    (delivery_id(event_key, occurrence),)).fetchall()
-        return occurrence, {sink: SinkState(attempts, first, bool(delivered), bool(dead))
-                            for sink, attempts, first, delivered, dead in states}
+            # One query in the usual case (see lookup_rows).
+            occurrence, rows = lookup_rows(conn.execute(_LOOKUP, {
+                "key": event_key, "did": delivery_id(event_key, after + 1)}), after)
+            if rows is None:
+                rows = conn.execute(_STATES, {
+                    "did": delivery_id(event_key, occurrence)}).fetchall()
+        return occurrence, sink_states(rows)
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         """One transaction: the task's advisory lock, the ordering check, each sink's claim.
