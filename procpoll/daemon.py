@@ -393,7 +393,7 @@ class Daemon:
         # not with the last file read, so a second reload still names what waits.
         restart = [name for name in ("vod", "credentials", "ledger", "metrics") if
                    getattr(new, name) != getattr(running, name)]
-        pools = ("concurrency", "pullers", "max_in_flight")
+        pools = ("concurrency", "pullers", "max_in_flight", "processes")
         restart += [f"daemon.{name}" for name in pools
                     if getattr(new.daemon, name) != getattr(running.daemon, name)]
         applied = dataclasses.replace(

@@ -86,12 +86,14 @@ def test_reload_reports_restart_only_changes_against_the_running_values(
         tmp_path: Path, emulator: Emulator,
         log_lines: Callable[[], list[dict[str, Any]]]) -> None:
     """Change [vod] endpoint and confirm_window, reload twice: both reloads say a restart is
-    needed for vod, and the running confirm window is not changed by either."""
+    needed for vod, and the running confirm window is not changed by either. Then a new
+    number of processes: that needs a restart too (the supervisor starts the workers)."""
     path = tmp_path / "procpoll.toml"
 
-    def write(window: float, endpoint: str) -> None:
+    def write(window: float, endpoint: str, processes: int = 1) -> None:
         path.write_text(
             f'[vod]\nendpoint = "{endpoint}"\nscheme = "http"\nconfirm_window = {window}\n'
+            f'[daemon]\nprocesses = {processes}\n'
             f'[ledger]\npath = "{tmp_path / "ledger.sqlite3"}"\n'
             f'[[sinks]]\nname = "a"\ntype = "file"\npath = "{tmp_path / "a.jsonl"}"\n',
             encoding="utf-8")
@@ -111,6 +113,11 @@ def test_reload_reports_restart_only_changes_against_the_running_values(
         assert [r["restart_required"] for r in reloads] == [["vod"], ["vod"]]
         assert daemon.config.vod.confirm_window_s == 3
         assert daemon.config.vod.endpoint == emulator.endpoint
+        write(3, emulator.endpoint, processes=2)
+        daemon.reload()
+        reloads = [line for line in log_lines() if line["event"] == "config.reloaded"]
+        assert reloads[-1]["restart_required"] == ["daemon.processes"]
+        assert daemon.config.daemon.processes == 1
     finally:
         daemon.stop()
         thread.join(10)
