@@ -113,7 +113,7 @@ def lookup_rows(rows: Iterable[tuple[Any, ...]], after: int
     occurrence = next_occurrence((row[1] for row in rows if row[0] is None), after)
     if occurrence != after + 1:
         return occurrence, None
-    return occurrence, [(sink, *rest) for sink, *rest in rows if sink is not None]
+    return occurrence, [row for row in rows if row[0] is not None]
 
 
 def sink_states(rows: Iterable[StateRow]) -> dict[str, SinkState]:

@@ -104,15 +104,9 @@ ON CONFLICT (event_key, sink) DO UPDATE SET attempts = d.attempts + 1,
     claim_owner = NULL, claim_expires = NULL, updated_at = excluded.updated_at
 """
 
+# Every confirmation of a record in one statement (DO NOTHING, unlike DO UPDATE, takes one
+# row twice in a statement).
 _CONFIRM = """
-INSERT INTO procpoll_confirmations (event_key, occurrence, confirmed_at)
-SELECT %(key)s, %(occurrence)s,
-       coalesce(%(now)s::float8, extract(epoch from clock_timestamp()))
-ON CONFLICT DO NOTHING
-"""
-
-# Several confirmations in one statement (DO NOTHING may meet one row twice).
-_CONFIRM_MANY = """
 INSERT INTO procpoll_confirmations (event_key, occurrence, confirmed_at)
 SELECT k.key, k.occurrence, coalesce(%(now)s::float8, extract(epoch from clock_timestamp()))
 FROM unnest(%(keys)s::text[], %(occurrences)s::integer[]) AS k (key, occurrence)
@@ -332,25 +326,24 @@ class PostgresLedger:
         now = self._clock()
         rows = [{"key": o.event_key, "sink": o.sink, "delivered": o.delivered, "dead": o.dead,
                  "error": o.error, "ordering": o.ordering_key, "now": now} for o in outcomes]
-        confirmed = [{"key": c.event_key, "occurrence": c.occurrence, "now": now}
-                     for c in confirmations]
+        confirmed = list(confirmations)
         if not rows and not confirmed:
             return
+        confirm = {"keys": [c.event_key for c in confirmed], "now": now,
+                   "occurrences": [c.occurrence for c in confirmed]}
         with self._connection("write") as conn:
             started = time.monotonic()
+            # One statement is atomic on its own: no BEGIN and COMMIT round trips.
             if len(rows) == 1 and not confirmed:
-                # One statement is atomic on its own: no BEGIN and COMMIT round trips.
                 conn.execute(_UPSERT, rows[0])
-            elif confirmed and not rows:
-                conn.execute(_CONFIRM_MANY, {
-                    "keys": [c["key"] for c in confirmed], "now": now,
-                    "occurrences": [c["occurrence"] for c in confirmed]})
+            elif not rows:
+                conn.execute(_CONFIRM, confirm)
             else:
                 with conn.transaction(), conn.cursor() as cursor:
                     if rows:
                         cursor.executemany(_UPSERT, rows)
                     if confirmed:
-                        cursor.executemany(_CONFIRM, confirmed)
+                        cursor.execute(_CONFIRM, confirm)
             elapsed_s = time.monotonic() - started
         if self._on_commit is not None:
             self._on_commit(elapsed_s)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,19 @@ from procpoll import logs
 from procpoll.config import Config, parse_config
 from procpoll.daemon import Daemon
 from procpoll.emulator import Emulator
+
+
+@contextlib.contextmanager
+def forced_preemption() -> Iterator[None]:
+    """Switch threads after every bytecode or so (1 µs instead of 5 ms), so that races in a
+    lock or hand-off show up in a test run, not only in production."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, step_s: float = 0.01) -> Any:

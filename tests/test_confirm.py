@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -14,7 +13,7 @@ from procpoll.daemon import _PullGate
 from procpoll.dispatch import Receipt
 from procpoll.errors import ApiError, ExpiredHandleError
 from procpoll.vod import Pacer
-from tests.conftest import wait_for
+from tests.conftest import forced_preemption, wait_for
 
 
 class FakeVod:
@@ -161,9 +160,7 @@ def test_drain_waits_for_a_failed_batch_being_put_back(
         make: Any, vod: FakeVod, confirmed: list[Receipt]) -> None:
     """Under forced preemption, a transient failure puts the batch back before the call
     stops counting: drain() never reports done while a handle is still unconfirmed."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_preemption():
         for n in range(20):
             vod.answers = [ApiError("InternalError", "try again")]
             confirmed.clear()
@@ -171,8 +168,6 @@ def test_drain_waits_for_a_failed_batch_being_put_back(
             confirmer.submit(receipt(f"r{n}"))
             drained = confirmer.drain(5)
             assert not drained or [r.handle for r in confirmed] == [f"r{n}"]
-    finally:
-        sys.setswitchinterval(interval)
 
 
 def test_pacer_spaces_calls_after_the_burst() -> None:

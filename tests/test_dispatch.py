@@ -15,7 +15,7 @@ from procpoll.errors import SinkError
 from procpoll.events import Event, parse_callback_body
 from procpoll.ledger import Ledger, Outcome
 from procpoll.sinks.base import Delivery, SinkConfig
-from tests.conftest import wait_for
+from tests.conftest import forced_preemption, wait_for
 
 
 class Clock:
@@ -271,7 +271,6 @@ def test_many_threads_submitting_identical_and_distinct_events_lose_none(
         harness: Callable[..., Harness]) -> None:
     """Under forced preemption, 8 threads submit 50 events each (half of them identical
     RestoreMedia bodies): every live handle is confirmed exactly once."""
-    import sys  # noqa: PLC0415
 
     sink = RecordingSink()
     h = harness([sink])
@@ -282,16 +281,12 @@ def test_many_threads_submitting_identical_and_distinct_events_lose_none(
             event = restore("same") if i % 2 else task(f"t{n}-{i}", "FINISH")
             h.dispatcher.submit(event, Receipt(f"h{n}-{i}", None, h.clock.now + 30))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_preemption():
         threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
         h.idle()
-    finally:
-        sys.setswitchinterval(interval)
     assert sorted(r.handle for r in h.confirmed) == sorted(handles)
     assert len(sink.delivered) == len(handles)

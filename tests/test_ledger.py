@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from procpoll.ledger import (
     delivery_id,
     next_occurrence,
 )
-from tests.conftest import wait_for
+from tests.conftest import forced_preemption, wait_for
 
 
 def test_delivered_sink_is_remembered_across_reopen(tmp_path: Path) -> None:
@@ -117,16 +116,12 @@ def test_group_commit_survives_forced_preemption(tmp_path: Path) -> None:
         except BaseException as exc:  # reported below, not lost in the thread
             errors.append(exc)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_preemption():
         threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(24)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(45)
-    finally:
-        sys.setswitchinterval(interval)
     assert not [t for t in threads if t.is_alive()], "record() hung"
     assert errors == []
     assert ledger.counts()["delivered"] == 24 * 300

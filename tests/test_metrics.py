@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from procpoll import __version__
 from procpoll.listen import client_host, split_listen
 from procpoll.metrics import Metrics
+from tests.conftest import forced_preemption
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 METRIC_NAME = re.compile(r"\bprocpoll_[a-z0-9_]+\b")
@@ -156,16 +156,12 @@ def test_totals_are_exact_under_thread_contention() -> None:
             metrics.delivery(sink, "delivered", 0.01)
             metrics.confirmed(None, 1)
 
-    old_interval_s = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_preemption():
         workers = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-    finally:
-        sys.setswitchinterval(old_interval_s)
     snapshot = metrics.snapshot()
     assert snapshot["pulled"] == threads_n * calls_n * 2
     assert snapshot["delivered"] == threads_n * calls_n

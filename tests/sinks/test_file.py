@@ -15,6 +15,7 @@ import pytest
 
 from procpoll.errors import SinkError
 from procpoll.sinks.file import FileOptions, FileSink
+from tests.conftest import forced_preemption
 from tests.sinks.conftest import delivery, procedure_event
 
 # A second process appending events through its own FileSink, as a worker of
@@ -77,20 +78,17 @@ def test_lines_of_several_processes_and_threads_stay_whole(tmp_path: Path) -> No
     path = tmp_path / "events.jsonl"
     sink = FileSink("archive", FileOptions(path, fsync=False))
     others = [other_process(path, f"p{n}", 150) for n in range(2)]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        def write(n: int) -> None:
-            for i in range(40):
-                sink.deliver(delivery(procedure_event(f"t{n}-{i}")))
 
+    def write(n: int) -> None:
+        for i in range(40):
+            sink.deliver(delivery(procedure_event(f"t{n}-{i}")))
+
+    with forced_preemption():
         threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        sys.setswitchinterval(switch)
     assert [other.wait(timeout=60) for other in others] == [0, 0]
     sink.close()
     expected = {f"t{n}-{i}" for n in range(8) for i in range(40)}
