@@ -118,7 +118,10 @@ class Dispatcher:
         self._owner = owner or consumer_id()
         self._on_ledger_error = on_ledger_error or (lambda: None)
         self._sink_pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Condition()
+        # A plain lock (taken several times per event; a Condition's `with` is Python code
+        # over an RLock) and a condition on it for the few that wait.
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)
         self._by_key: dict[tuple[int | None, str], list[Work]] = {}
         self._held = 0  # work items in memory
         self._lanes: dict[str, deque[Work]] = {}
@@ -154,7 +157,7 @@ class Dispatcher:
         Deliveries already running finish on the sinks and settings they started with;
         the old sinks are closed when the last of them ends, not on a timer.
         """
-        with self._lock:
+        with self._mutex:
             old = self._gen
             kept = dataclasses.replace(policy, concurrency=old.policy.concurrency,
                                        max_in_flight=old.policy.max_in_flight)
@@ -173,7 +176,7 @@ class Dispatcher:
 
     def submit(self, event: Event, receipt: Receipt) -> None:
         """Queue an event, or attach the receipt to the work already carrying it."""
-        with self._lock:
+        with self._mutex:
             key = (receipt.sub_app_id, event.key)
             chain = self._by_key.get(key)
             if chain is not None:
@@ -181,7 +184,7 @@ class Dispatcher:
                 for work in chain:
                     if not work.live(now):  # its handle expired: this is its redelivery
                         work.receipts.append(receipt)
-                        self._count("reattached")
+                        self.counters["reattached"] += 1
                         log.info("event.reattached", event_key=event.key,
                                  event_type=event.event_type, task_id=event.task_id,
                                  handles=len(work.receipts))
@@ -202,37 +205,37 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         """Events held in memory: queued or being delivered."""
-        with self._lock:
+        with self._mutex:
             return self._held
 
     def oldest_deadline(self) -> float | None:
         """The earliest first-handle deadline of the work in memory (None when idle)."""
-        with self._lock:
+        with self._mutex:
             return min((chain[0].receipts[0].deadline for chain in self._by_key.values()),
                        default=None)
 
     def wait_capacity(self, timeout_s: float) -> bool:
         """Wait until a full pull fits under max_in_flight and reserve that room, to be given
         back by release_capacity(): pullers polling at once cannot overshoot together."""
-        with self._lock:
-            if not self._lock.wait_for(self._has_room, timeout_s):
+        with self._mutex:
+            if not self._changed.wait_for(self._has_room, timeout_s):
                 return False
             self._reserved += PULL_BATCH_MAX
             return True
 
     def release_capacity(self) -> None:
         """The reserving pull was submitted (its events now count themselves) or failed."""
-        with self._lock:
+        with self._mutex:
             self._reserved -= PULL_BATCH_MAX
-            self._lock.notify_all()
+            self._changed.notify_all()
 
     def _has_room(self) -> bool:
         return self._held + self._reserved + PULL_BATCH_MAX <= self._gen.policy.max_in_flight
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no work is queued or running."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self._held == 0, timeout_s)
+        with self._mutex:
+            return self._changed.wait_for(lambda: self._held == 0, timeout_s)
 
     def pull_delay_s(self) -> float:
         """How long pullers should wait before the next pull: back-pressure while sinks fail."""
@@ -243,7 +246,7 @@ class Dispatcher:
         """Let idle workers exit; running deliveries finish on their own."""
         for _ in self._threads:
             self._ready.put(None)
-        with self._lock:
+        with self._mutex:
             pool, self._sink_pool = self._sink_pool, None
         if pool is not None:
             pool.shutdown(wait=False)
@@ -260,7 +263,7 @@ class Dispatcher:
             work = self._ready.get()
             if work is None or self._stop.is_set():
                 return
-            with self._lock:
+            with self._mutex:
                 gen = self._gen
                 gen.users += 1
             try:
@@ -271,7 +274,7 @@ class Dispatcher:
                 self._finish(work, gen)
 
     def _finish(self, work: Work, gen: _Generation) -> None:
-        with self._lock:
+        with self._mutex:
             gen.users -= 1
             retire = gen.retired and gen.users == 0
             key = (work.sub_app_id, work.event.key)
@@ -295,7 +298,7 @@ class Dispatcher:
             # blocked puller for nothing, a context switch each.
             held = self._held
             if held == 0 or held + self._reserved + PULL_BATCH_MAX == gen.policy.max_in_flight:
-                self._lock.notify_all()
+                self._changed.notify_all()
         if retire:
             close_sinks(gen.routes)
 
@@ -426,7 +429,7 @@ class Dispatcher:
         return [f.result() for f in futures]
 
     def _pool(self) -> ThreadPoolExecutor:
-        with self._lock:
+        with self._mutex:
             if self._sink_pool is None:
                 self._sink_pool = ThreadPoolExecutor(
                     max_workers=max(2, self._gen.policy.concurrency),
@@ -578,7 +581,7 @@ class Dispatcher:
         # Types come from the API: remember a bounded number of bounded names, forgetting
         # all when full (they are then logged once more), so junk types cannot grow memory.
         seen = work.event.event_type[:UNROUTED_TYPE_CHARS]
-        with self._lock:
+        with self._mutex:
             first = seen not in self._unrouted_seen
             if first:
                 if len(self._unrouted_seen) >= UNROUTED_TYPES_REMEMBERED:
@@ -591,7 +594,7 @@ class Dispatcher:
 
     def _complete(self, work: Work, bound: structlog.typing.FilteringBoundLogger) -> None:
         now = self._clock()
-        with self._lock:
+        with self._mutex:
             live = [r for r in work.receipts if r.deadline > now]
         if not live:
             bound.warning("event.handle_expired",
@@ -605,9 +608,9 @@ class Dispatcher:
         self._confirm(newest, work.event)
 
     def _count(self, name: str) -> None:
-        with self._lock:
+        with self._mutex:
             self.counters[name] += 1
 
     def _note(self, *, success: bool) -> None:
-        with self._lock:
+        with self._mutex:
             self._failure_streak = 0 if success else min(self._failure_streak + 1, 30)

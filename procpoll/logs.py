@@ -99,6 +99,31 @@ def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
     return device_inode == f"{st.st_dev}:{st.st_ino}"
 
 
+class LineWriter:
+    """structlog's logger: each line goes out in one write, newline included, and flushed.
+
+    print() writes the text and its newline apart: two system calls per line when output
+    is unbuffered (PYTHONUNBUFFERED, common in containers), and with `processes = N`
+    another worker's line could land between them. One write of a line up to the pipe
+    buffer (4 KiB) is never interleaved. None writes to whatever sys.stdout is then.
+    """
+
+    _lock = threading.Lock()  # one for all: several writers may share a stream
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        """Write `message` as one line."""
+        out = self._stream if self._stream is not None else sys.stdout
+        with self._lock:
+            out.write(message + "\n")
+            out.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = msg
+    fatal = failure = msg
+
+
 class _StdlibBridge(logging.Handler):
     """Sends records of libraries (urllib3, the SDK) through the same JSON pipeline."""
 
@@ -133,7 +158,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=lambda *_args: LineWriter(stream),
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from procpoll.errors import SinkError
+from procpoll.httpconn import check_header
 from procpoll.logs import register_secret
 from procpoll.schema import Table
 from procpoll.sinks.base import Delivery, Sink, SinkConfig, SinkType
@@ -37,6 +38,10 @@ def parse_options(t: Table) -> WebhookOptions:
     if parts is None or parts.scheme not in {"http", "https"} or not parts.netloc:
         t.bad("url", f"expected an http:// or https:// URL, got {url!r}")
     headers = t.text_map("headers", {})
+    for name, value in headers.items():
+        problem = check_header(name, value)
+        if problem is not None:
+            t.bad("headers", problem)
     secret = t.claim("secret", None)
     secret_file = t.file_path("secret_file", None)
     texts: list[tuple[str, str]] = []  # (key it came from, secret)
