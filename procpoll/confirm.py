@@ -124,6 +124,12 @@ class Confirmer:
 
     def _run(self, app: int | None) -> None:
         api = self._factory()
+        try:
+            self._confirm_loop(api, app)
+        finally:
+            api.close()
+
+    def _confirm_loop(self, api: VodApi, app: int | None) -> None:
         failures = 0
         while True:
             batch = self._take(app)

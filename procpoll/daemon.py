@@ -186,6 +186,8 @@ class Daemon:
         except ApiError as exc:
             log.error("api.unavailable", code=exc.code, error=exc.message)
             status = EX_UNAVAILABLE
+        finally:
+            api.close()
         idle = self.dispatcher.wait_idle(self.config.vod.confirm_window_s * 4)
         drained = self.confirmer.drain(self.config.vod.confirm_window_s)
         self.stop_event.set()
@@ -459,13 +461,16 @@ class Daemon:
 
     def _pull_loop(self, app: int | None) -> None:
         api = self._factory()
-        while not self.stop_event.is_set():
-            try:
-                if not self._pull_once(api, app):
-                    return
-            except Exception:  # a bug here must not leave the sub-app silently unpulled
-                log.exception("pull.crashed", sub_app_id=app)
-                self.stop_event.wait(5.0)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if not self._pull_once(api, app):
+                        return
+                except Exception:  # a bug here must not leave the sub-app silently unpulled
+                    log.exception("pull.crashed", sub_app_id=app)
+                    self.stop_event.wait(5.0)
+        finally:
+            api.close()
 
     def _ledger_failed(self) -> None:
         """A ledger call failed: pulling pauses until the ledger answers again."""

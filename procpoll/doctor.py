@@ -141,8 +141,14 @@ class Doctor:
                 yield _skip(f"sub-app {app}", "the API was not reached")
             return
         api = self._factory(self.credentials)
-        answers = {apps[0]: _describe(api, apps[0])}
-        first = answers[apps[0]]
+        try:
+            answers = {apps[0]: _describe(api, apps[0])}
+            first = answers[apps[0]]
+            if not (isinstance(first, ApiError) and _unanswered(first)):
+                for other in apps[1:]:  # not when the API is not answering: a timeout each
+                    answers[other] = _describe(api, other)
+        finally:
+            api.close()
         if isinstance(first, ApiError) and _unanswered(first):
             yield _fail("api", f"DescribeEventConfig at {where}: {first}",
                         _api_advice(first, vod.endpoint, apps[0]))
@@ -152,8 +158,6 @@ class Doctor:
             return
         # Any other answer, even an error about a parameter, passed the signature check.
         yield _ok("api", f"{where} answered DescribeEventConfig; signature accepted")
-        for other in apps[1:]:
-            answers[other] = _describe(api, other)
         yield _mode_check(answers, vod.endpoint)
         for sub_app_id in vod.sub_app_ids:
             answer = answers[sub_app_id]

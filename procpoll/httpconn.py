@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, cast
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-# What http.client accepts in a header (its putheader checks): a name is a token without
-# ":" or white space, a value has no bare CR or LF (no header injection).
-_LEGAL_NAME = re.compile(r"[^:\s][^:\r\n]*").fullmatch
+# A header name is an RFC 9110 token; a value has no bare CR or LF (no header injection)
+# and no NUL, as http.client's putheader checks.
+_LEGAL_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])|\x00").search
 # Set by post() itself, whatever the caller passes.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
@@ -85,7 +85,7 @@ class Origin:
         self._context = context
         self._port = port if port is not None else (443 if context is not None else 80)
         default = 443 if context is not None else 80
-        shown = f"[{host}]" if ":" in host else host.encode("idna").decode("ascii")
+        shown = f"[{host}]" if ":" in host else _host_header(host)
         self._host_header = shown if self._port == default else f"{shown}:{self._port}"
         if context is not None:
             context.sslsocket_class = _DeadlineTLSSocket
@@ -266,6 +266,17 @@ def _open_socket(host: str, port: int, deadline: _Deadline) -> _DeadlineSocket:
         else:
             return sock
     raise error
+
+
+def _host_header(host: str) -> str:
+    """The Host header's name as http.client writes it: ASCII as is, else IDNA (a name IDNA
+    refuses is left for the resolver, which refuses it at connect)."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
 
 
 def _dropped(sock: socket.socket) -> bool:

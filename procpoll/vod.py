@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import ssl
 import threading
 import time
 from collections import deque
@@ -16,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+import certifi
 import orjson
 import requests
+from requests.utils import select_proxy
 from tencentcloud.common.common_client import CommonClient
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (
     TencentCloudSDKException,
@@ -35,6 +39,7 @@ from procpoll.errors import (
     PermanentApiError,
     TransientApiError,
 )
+from procpoll.httpconn import Origin, Reply, TransportError
 from procpoll.logs import forget_secret, register_secret
 
 MAX_HANDLES_PER_CONFIRM = 16
@@ -60,6 +65,9 @@ class VodApi(Protocol):
 
     def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
         """DescribeEventConfig: the Response dict (Mode, NotificationUrl, …)."""
+
+    def close(self) -> None:
+        """Close the client's connections (its thread is done with it)."""
 
 
 # --- credentials -----------------------------------------------------------------------
@@ -310,8 +318,43 @@ class _Client(CommonClient):  # type: ignore[misc]  # the SDK has no type hints
         """The SDK's call_json without its retryer (none is configured) and error check (the
         SDK's decodes the whole body, which call_json then decoded again with json)."""
         reply = self._call(action, params, options, headers)
-        self._check_status(reply)
-        return decode_reply(reply.content)
+        if isinstance(reply, Reply):  # from _DirectRequest
+            status, content = reply.status, reply.body
+        else:  # a requests.Response, through a proxy
+            status, content = reply.status_code, reply.content
+        if status != 200:
+            raise TencentCloudSDKException("ServerNetworkError", content)
+        return decode_reply(content)
+
+
+class _DirectRequest:
+    """The SDK's ApiRequest for an endpoint reached without a proxy: the signed request
+    goes over one kept-alive connection of procpoll.httpconn, not a requests.Session.
+
+    A call cost about 1.0 ms of CPU through requests and 0.45 ms this way, and a pull and
+    a confirm are made for every 16 events. `request_timeout` bounds the whole call
+    (connect, send, the long poll's answer), not each socket operation.
+    """
+
+    def __init__(self, scheme: str, endpoint: str, timeout_s: float) -> None:
+        parts = urlsplit(f"{scheme}://{endpoint}")
+        context = (ssl.create_default_context(cafile=certifi.where()) if scheme == "https"
+                   else None)
+        self._origin = Origin(parts.hostname or "", parts.port, context)
+        self._timeout_s = timeout_s
+
+    def send_request(self, request: Any) -> Reply:
+        """POST the SDK's RequestInternal; TencentCloudSDKException when no answer came."""
+        data = request.data
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        try:
+            return self._origin.post(request.uri or "/", body, request.header, self._timeout_s)
+        except TransportError as exc:
+            raise TencentCloudSDKException("ClientNetworkError", exc.name) from None
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._origin.close()
 
 
 # Bytes of a reply, masked so that a number of at least 20 digits, or a negative one of 19,
@@ -339,7 +382,7 @@ def decode_reply(content: bytes) -> Any:
 
 
 class TencentVod:
-    """VodApi over the SDK's CommonClient; one instance per thread (it owns a Session)."""
+    """VodApi over the SDK's CommonClient; one instance per thread (it owns a connection)."""
 
     def __init__(self, config: VodConfig, credentials: CredentialChain) -> None:
         http = HttpProfile(protocol=config.scheme, endpoint=config.endpoint,
@@ -348,10 +391,16 @@ class TencentVod:
         # and its region breaker turns network errors into AttributeError.
         profile = ClientProfile(httpProfile=http, disable_region_breaker=True, language="en-US")
         self._client = _Client("vod", API_VERSION, credentials, config.region, profile=profile)
-        session = getattr(getattr(getattr(self._client, "request", None), "conn", None),
-                          "_session", None)
+        url = f"{config.scheme}://{config.endpoint}/"
+        connection = getattr(getattr(self._client, "request", None), "conn", None)
+        if getattr(connection, "proxy", None) is None and not select_proxy(
+                url, requests.utils.get_environ_proxies(url)):
+            self._client.request = _DirectRequest(config.scheme, config.endpoint,
+                                                  config.request_timeout_s)
+            return
+        session = getattr(connection, "_session", None)
         if isinstance(session, requests.Session):
-            _read_environment_once(session, f"{config.scheme}://{config.endpoint}/")
+            _read_environment_once(session, url)
 
     def pull(self, sub_app_id: int | None) -> list[Any]:
         """PullEvents; ResourceNotFound ('no event') is an empty list, not an error."""
@@ -382,6 +431,16 @@ class TencentVod:
     def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
         """DescribeEventConfig: how VOD delivers events to this application."""
         return self._call("DescribeEventConfig", _with_app({}, sub_app_id))
+
+    def close(self) -> None:
+        """Close the kept-alive connection (or the requests Session, through a proxy)."""
+        request = self._client.request
+        if isinstance(request, _DirectRequest):
+            request.close()
+            return
+        session = getattr(getattr(request, "conn", None), "_session", None)
+        if isinstance(session, requests.Session):
+            session.close()
 
     def _call(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         try:

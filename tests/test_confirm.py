@@ -37,6 +37,9 @@ class FakeVod:
     def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
         return {}
 
+    def close(self) -> None:
+        """Nothing to close."""
+
 
 class CountingPacer(Pacer):
     """A pacer that never waits but counts the slots taken."""

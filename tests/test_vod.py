@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,50 +25,54 @@ from procpoll.errors import (
     TransientApiError,
 )
 from procpoll.vod import CredentialChain, TencentVod, decode_reply
+from tests.scripted_api import DROP, HANG, ScriptedApi
 
-URL = "http://vod.test:9/"
 ENV = {"TENCENTCLOUD_SECRET_ID": "AKIDtest", "TENCENTCLOUD_SECRET_KEY": "key-test"}
 
 
 @pytest.fixture
-def api() -> TencentVod:
-    config = VodConfig(endpoint="vod.test:9", scheme="http", request_timeout_s=6)
-    return TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+def server() -> Iterator[ScriptedApi]:
+    """The API's side: each test queues the answers."""
+    scripted = ScriptedApi()
+    yield scripted
+    scripted.close()
 
 
-def reply(body: Any, *, status: int = 200, content_type: str = "application/json") -> None:
-    raw = body if isinstance(body, bytes | str) else json.dumps(body)
-    responses.add(responses.POST, URL, body=raw, status=status, content_type=content_type)
+@pytest.fixture
+def api(server: ScriptedApi) -> Iterator[TencentVod]:
+    config = VodConfig(endpoint=server.endpoint, scheme="http", request_timeout_s=6)
+    client = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+    yield client
+    client.close()
 
 
 def error(code: str, message: str = "m") -> dict[str, Any]:
     return {"Response": {"Error": {"Code": code, "Message": message}, "RequestId": "r-1"}}
 
 
-@responses.activate
-def test_pull_returns_the_event_set(api: TencentVod) -> None:
+def test_pull_returns_the_event_set(api: TencentVod, server: ScriptedApi) -> None:
     """EventSet items come back as decoded dicts, SubAppId is sent when configured."""
-    reply({"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X"}], "RequestId": "r"}})
+    server.queue({"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X"}],
+                               "RequestId": "r"}})
     assert api.pull(1500000001) == [{"EventHandle": "h", "EventType": "X"}]
-    sent = json.loads(responses.calls[0].request.body or b"{}")
+    sent = server.calls[0].json()
     assert sent == {"SubAppId": 1500000001}
-    assert responses.calls[0].request.headers["X-TC-Action"] == "PullEvents"
+    assert server.calls[0].headers["X-TC-Action"] == "PullEvents"
 
 
-@responses.activate
 @pytest.mark.parametrize("body", [
     error("ResourceNotFound", "no event"),
     {"Response": {"EventSet": None, "RequestId": "r"}},
     {"Response": {"EventSet": [], "RequestId": "r"}},
     {"Response": {"RequestId": "r"}},
 ])
-def test_empty_queue_shapes_are_an_empty_list(api: TencentVod, body: dict[str, Any]) -> None:
+def test_empty_queue_shapes_are_an_empty_list(api: TencentVod, server: ScriptedApi,
+                                              body: dict[str, Any]) -> None:
     """'no event', null and missing EventSet all mean empty, never an error."""
-    reply(body)
+    server.queue(body)
     assert api.pull(None) == []
 
 
-@responses.activate
 @pytest.mark.parametrize(("code", "kind"), [
     ("AuthFailure.SignatureFailure", AuthError),
     ("AuthFailure.SecretIdNotFound", AuthError),
@@ -78,23 +83,24 @@ def test_empty_queue_shapes_are_an_empty_list(api: TencentVod, body: dict[str, A
     ("FailedOperation.InvalidVodUser", PermanentApiError),
     ("InvalidParameterValue", PermanentApiError),
 ])
-def test_api_error_codes_are_classified(api: TencentVod, code: str, kind: type) -> None:
+def test_api_error_codes_are_classified(api: TencentVod, server: ScriptedApi, code: str,
+                                        kind: type) -> None:
     """Auth, transient and permanent codes raise the matching procpoll error."""
-    reply(error(code))
+    server.queue(error(code))
     with pytest.raises(kind) as info:
         api.pull(None)
     assert info.value.code == code
 
 
-@responses.activate
-def test_error_with_charset_content_type_is_still_an_error(api: TencentVod) -> None:
+def test_error_with_charset_content_type_is_still_an_error(api: TencentVod,
+                                                           server: ScriptedApi) -> None:
     """The SDK ignores errors unless Content-Type is exactly application/json; we do not."""
-    reply(error("AuthFailure.SignatureFailure"), content_type="application/json; charset=utf-8")
+    server.queue(error("AuthFailure.SignatureFailure"),
+                 content_type="application/json; charset=utf-8")
     with pytest.raises(AuthError):
         api.pull(None)
 
 
-@responses.activate
 @pytest.mark.parametrize(("body", "status", "content_type"), [
     ("<html>bad gateway</html>", 502, "text/html"),
     ("not json at all", 200, "application/json"),
@@ -105,43 +111,46 @@ def test_error_with_charset_content_type_is_still_an_error(api: TencentVod) -> N
     ('{"Response": {"Error": "string", "RequestId": "r"}}', 200, "application/json"),
     ("[1, 2]", 200, "application/json"),
 ])
-def test_junk_replies_are_transient(api: TencentVod, body: Any, status: int,
+def test_junk_replies_are_transient(api: TencentVod, server: ScriptedApi, body: Any, status: int,
                                     content_type: str) -> None:
     """Non-200, non-JSON, invalid UTF-8 and shapeless JSON are retried, never a crash."""
-    reply(body, status=status, content_type=content_type)
+    server.queue(body, status=status, content_type=content_type)
     with pytest.raises(TransientApiError):
         api.pull(None)
 
 
-@responses.activate
-def test_network_errors_are_transient(api: TencentVod) -> None:
-    """Connection errors and timeouts become TransientApiError."""
-    responses.add(responses.POST, URL, body=requests.ConnectionError("reset"))
-    responses.add(responses.POST, URL, body=requests.ReadTimeout("slow"))
-    for _ in range(2):
+def test_network_errors_are_transient(server: ScriptedApi) -> None:
+    """A connection dropped unanswered and an answer later than request_timeout (the whole
+    call's bound) become TransientApiError."""
+    config = VodConfig(endpoint=server.endpoint, scheme="http", request_timeout_s=0.5)
+    api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+    server.queue_answer(DROP)
+    server.queue_answer(HANG)
+    for reason in ("ConnectionError", "ReadTimeout"):
         with pytest.raises(TransientApiError) as info:
             api.pull(None)
-        assert info.value.code == "ClientNetworkError"
+        assert (info.value.code, info.value.message) == ("ClientNetworkError", reason)
+    server.queue({"Response": {"EventSet": [], "RequestId": "r"}})
+    assert api.pull(None) == []  # a fresh connection after the failed ones
+    api.close()
 
 
-@responses.activate
-def test_confirm_refused_handle_is_an_expired_handle(api: TencentVod) -> None:
+def test_confirm_refused_handle_is_an_expired_handle(api: TencentVod, server: ScriptedApi) -> None:
     """InvalidParameterValue on ConfirmEvents means the handle expired."""
-    reply(error("InvalidParameterValue"))
+    server.queue(error("InvalidParameterValue"))
     with pytest.raises(ExpiredHandleError):
         api.confirm(None, ["h1"])
 
 
-@responses.activate
-def test_confirm_sends_the_handles(api: TencentVod) -> None:
+def test_confirm_sends_the_handles(api: TencentVod, server: ScriptedApi) -> None:
     """ConfirmEvents carries EventHandles and SubAppId."""
-    reply({"Response": {"RequestId": "r"}})
+    server.queue({"Response": {"RequestId": "r"}})
     api.confirm(7, ["a", "b"])
-    assert json.loads(responses.calls[0].request.body or b"{}") == {
+    assert server.calls[0].json() == {
         "EventHandles": ["a", "b"], "SubAppId": 7}
 
 
-def test_confirm_refuses_more_than_16_handles(api: TencentVod) -> None:
+def test_confirm_refuses_more_than_16_handles(api: TencentVod, server: ScriptedApi) -> None:
     """The API takes at most 16 handles; asking for more is a programming error."""
     with pytest.raises(ValueError, match=r"1\.\.16"):
         api.confirm(None, [str(n) for n in range(17)])
@@ -243,10 +252,10 @@ def test_replies_orjson_reads_otherwise_decode_as_json_does(content: bytes) -> N
     assert json.dumps(decode_reply(content)) == json.dumps(json.loads(content))
 
 
-@responses.activate
-def test_pulled_bare_integer_past_64_bits_keeps_its_digits(api: TencentVod) -> None:
+def test_pulled_bare_integer_past_64_bits_keeps_its_digits(api: TencentVod,
+                                                           server: ScriptedApi) -> None:
     """A pulled event with a bare integer too long for 64 bits comes back as that exact int."""
-    reply('{"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X", '
+    server.queue('{"Response": {"EventSet": [{"EventHandle": "h", "EventType": "X", '
           '"XEvent": {"FileId": 52854854879852714901234}}], "RequestId": "r"}}')
     assert api.pull(None)[0]["XEvent"]["FileId"] == 52854854879852714901234
 
@@ -254,20 +263,20 @@ def test_pulled_bare_integer_past_64_bits_keeps_its_digits(api: TencentVod) -> N
 # --- the environment, read once per client -----------------------------------------------------
 
 
-@responses.activate
-def test_a_netrc_entry_does_not_replace_the_signature(tmp_path: Path,
+def test_a_netrc_entry_does_not_replace_the_signature(tmp_path: Path, server: ScriptedApi,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A ~/.netrc entry for the endpoint's host leaves the TC3 signature in Authorization
     (requests would have put Basic auth from it in its place)."""
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine vod.test login someone password hunter2\n", encoding="utf-8")
+    netrc.write_text("machine 127.0.0.1 login someone password hunter2\n", encoding="utf-8")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    config = VodConfig(endpoint="vod.test:9", scheme="http", request_timeout_s=6)
+    config = VodConfig(endpoint=server.endpoint, scheme="http", request_timeout_s=6)
     api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
-    reply({"Response": {"EventSet": [], "RequestId": "r"}})
+    server.queue({"Response": {"EventSet": [], "RequestId": "r"}})
     assert api.pull(None) == []
-    assert responses.calls[0].request.headers["Authorization"].startswith("TC3-HMAC-SHA256 ")
+    assert server.calls[0].headers["Authorization"].startswith("TC3-HMAC-SHA256 ")
+    api.close()
 
 
 class _Proxy(http.server.BaseHTTPRequestHandler):
@@ -304,6 +313,32 @@ def test_all_proxy_from_the_environment_is_still_used(monkeypatch: pytest.Monkey
         api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
         assert api.pull(None) == []
         assert _Proxy.seen == ["http://vod.invalid:9/"]
+        api.close()
     finally:
         server.shutdown()
         server.server_close()
+
+
+@responses.activate
+def test_through_a_proxy_the_sdks_requests_transport_maps_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a proxy in the environment the SDK's own requests transport carries the calls:
+    its replies, junk and network errors map onto the same procpoll errors."""
+    for name in ("ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    url = "http://vod.test:9/"
+    responses.add(responses.POST, url, json={"Response": {"EventSet": [{"EventHandle": "h"}],
+                                                          "RequestId": "r"}})
+    responses.add(responses.POST, url, json=error("RequestLimitExceeded"))
+    responses.add(responses.POST, url, body="<html>bad gateway</html>", status=502)
+    responses.add(responses.POST, url, body=requests.ConnectionError("reset"))
+    config = VodConfig(endpoint="vod.test:9", scheme="http", request_timeout_s=6)
+    api = TencentVod(config, CredentialChain(CredentialsConfig(), ENV))
+    assert api.pull(None) == [{"EventHandle": "h"}]
+    for code in ("RequestLimitExceeded", "ServerNetworkError", "ClientNetworkError"):
+        with pytest.raises(TransientApiError) as info:
+            api.pull(None)
+        assert info.value.code == code
+    assert responses.calls[0].request.headers["X-TC-Action"] == "PullEvents"
+    api.close()

@@ -22,10 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-import structlog
-
 from procpoll.errors import SinkError
 from procpoll.events import Event
+from procpoll.logs import LineWriter
 from procpoll.schema import Table
 from procpoll.sinks.base import Delivery, Sink, SinkConfig, SinkType
 
@@ -87,9 +86,9 @@ class StdoutSink:
             raise SinkError("there is no standard output", retryable=False)
         text = _stdout_text(event, getattr(stream, "encoding", None))
         try:
-            # PrintLogger writes under structlog's per-stream lock, the lock the JSON log
-            # takes for the same stream: a log line and an event line never interleave.
-            structlog.PrintLogger(stream).msg(text)
+            # The JSON log's writer, under its lock: a log line and an event line never
+            # interleave.
+            LineWriter(stream).msg(text)
         except (OSError, ValueError) as exc:
             raise SinkError(f"standard output: {exc}") from None
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-import responses
 
 from procpoll.config import Config, parse_config
 from procpoll.daemon import Daemon
@@ -22,6 +20,7 @@ from procpoll.emulator import Emulator, generate_events
 from procpoll.errors import EventParseError
 from procpoll.events import event_key, parse_event
 from tests.conftest import daemon_config, emulator_env, wait_for
+from tests.scripted_api import Answer, ApiCall, ScriptedApi
 
 PAYLOADS = Path(__file__).parent.parent / "data" / "payloads"
 SAMPLES = sorted(PAYLOADS.glob("ProcedureStateChanged-*.json"))
@@ -167,13 +166,11 @@ def test_hostile_events_are_dead_lettered_and_their_batch_mates_delivered(
     assert all(t.is_alive() for t in daemon._pullers)  # the loops' health
 
 
-# --- junk replies: responses shapes the SDK's HTTP exactly ---------------------------------
+# --- junk replies: a scripted loopback API shapes the HTTP exactly -----------------------------
 
 
 class ScriptedVod:
     """PullEvents answers from a script, then 'no event'; ConfirmEvents handles recorded."""
-
-    URL = "http://127.0.0.1:9/"
 
     def __init__(self, script: list[tuple[int, str, bytes]]) -> None:
         self.script = deque(script)
@@ -181,21 +178,19 @@ class ScriptedVod:
         self.pulls = 0
         self._lock = threading.Lock()
 
-    def reply(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], bytes]:
-        action = request.headers.get("X-TC-Action", "")
-        if action == "ConfirmEvents":
-            body = json.loads(request.body or b"{}")
+    def reply(self, call: ApiCall) -> Answer:
+        if call.headers.get("X-TC-Action", "") == "ConfirmEvents":
             with self._lock:
-                self.confirmed += body["EventHandles"]
-            return 200, {"Content-Type": _JSON}, b'{"Response": {"RequestId": "r-c"}}'
+                self.confirmed += call.json()["EventHandles"]
+            return Answer(200, _JSON, b'{"Response": {"RequestId": "r-c"}}')
         with self._lock:
             self.pulls += 1
             step = self.script.popleft() if self.script else None
         if step is None:
             time.sleep(0.05)  # the long poll, shortened
-            return 200, {"Content-Type": _JSON}, json.dumps(NO_EVENT).encode()
+            return Answer(200, _JSON, json.dumps(NO_EVENT).encode())
         status, content_type, body_ = step
-        return status, {"Content-Type": content_type}, body_
+        return Answer(status, content_type, body_)
 
     def done(self) -> bool:
         with self._lock:
@@ -254,14 +249,14 @@ def test_junk_replies_are_retried_and_a_mixed_batch_is_sorted_out(
         script += [junk, (200, _JSON, json.dumps(NO_EVENT).encode())]
     script.append((200, _JSON, envelope(batch)))
     api = ScriptedVod(script)
+    server = ScriptedApi(api.reply)
     config = parse_config({
-        "vod": {"endpoint": "127.0.0.1:9", "scheme": "http", "request_timeout": 6},
+        "vod": {"endpoint": server.endpoint, "scheme": "http", "request_timeout": 6},
         "ledger": {"path": str(tmp_path / "ledger.sqlite3")},
         "dead_letter": {"directory": str(tmp_path / "dead")},
         "sinks": [{"name": "archive", "type": "file", "path": str(tmp_path / "a.jsonl")}],
     }, "<bad-input>")
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add_callback(responses.POST, ScriptedVod.URL, callback=api.reply)
+    try:
         daemon = running(config, {"TENCENTCLOUD_SECRET_ID": "AKIDbadinput",
                                   "TENCENTCLOUD_SECRET_KEY": "bad-input-key"})
         assert wait_for(api.done, 40), f"stuck with {len(api.script)} replies left"
@@ -269,6 +264,8 @@ def test_junk_replies_are_retried_and_a_mixed_batch_is_sorted_out(
         assert wait_for(lambda: wanted <= set(api.confirmed), 10), api.confirmed
         assert all(t.is_alive() for t in daemon._pullers)
         daemon.stop()
+    finally:
+        server.close()
     records = log_lines()
     assert crashes(log_lines) == []
     failures = [r for r in records if r["event"] == "api.pull_failed"]

@@ -118,9 +118,10 @@ def test_no_secret_in_any_output_of_a_daemon_through_failures_and_tracebacks(
         [{"name": "hook", "type": "webhook", "url": receiver.url, "secret": creds.webhook_secret,
           "headers": {"Authorization": f"Bearer {creds.bearer}"}, "retries": 1,
           "backoff": 0.05, "backoff_max": 0.1},
-         # A header value outside latin-1 makes the HTTP layer raise: a real traceback.
-         {"name": "crashy", "type": "webhook", "url": receiver.url, "events": ["FileDeleted"],
-          "headers": {"X-Note": "视频", "X-Api-Token": creds.bearer}, "retries": 0,
+         # A host label past 63 characters makes the resolver's IDNA encoding raise at
+         # each delivery (UnicodeError, not a network error): a real traceback.
+         {"name": "crashy", "type": "webhook", "url": f"http://{'a' * 64}.invalid/hook",
+          "events": ["FileDeleted"], "headers": {"X-Api-Token": creds.bearer}, "retries": 0,
           "max_attempts": 1}])
     env = {"TENCENTCLOUD_SECRET_ID": creds.secret_id, "TENCENTCLOUD_SECRET_KEY": creds.secret_key,
            "TENCENTCLOUD_SESSION_TOKEN": creds.token}

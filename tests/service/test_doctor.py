@@ -134,6 +134,9 @@ class PushModeVod:
     def describe_event_config(self, sub_app_id: int | None) -> dict[str, Any]:
         return {"Mode": "PUSH", "NotificationUrl": "https://app.example.com/cb"}
 
+    def close(self) -> None:
+        """Nothing to close."""
+
 
 def test_push_mode_fails_and_says_how_to_switch(tmp_path: Path, emulator: Emulator) -> None:
     """Mode PUSH: [FAIL] event mode with the ModifyEventConfig command for each sub-app."""
@@ -155,6 +158,9 @@ class UnknownSubAppVod(PushModeVod):
         if sub_app_id == 9:
             raise PermanentApiError("InvalidParameterValue.SubAppId", "SubAppId is invalid.")
         return {"Mode": "PULL"}
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def test_unknown_sub_app_fails_its_own_line(tmp_path: Path, emulator: Emulator) -> None:

@@ -186,6 +186,11 @@ def test_secrets_never_reach_the_log(recorder: Recorder) -> None:
     ({"secret": "whsec_" + base64.b64encode(b"short").decode()},
      "sinks[0].secret: a webhook secret must decode to at least 16 bytes"),
     ({"secret": 42}, "sinks[0].secret: expected a whsec_… string or a list of them (newest first)"),
+    ({"headers": {"X-Token": "a\r\nX-Injected: 1"}},
+     "sinks[0].headers: header 'X-Token' has a line break or NUL in its value"),
+    ({"headers": {"Bad Name": "v"}}, "sinks[0].headers: header name 'Bad Name' is not a token"),
+    ({"headers": {"X-Name": "Zoë ☃"}},
+     "sinks[0].headers: header 'X-Name' has a character outside Latin-1 in its value"),
 ])
 def test_config_problems_name_the_key(keys: dict[str, Any], problem: str) -> None:
     """Each invalid webhook key is reported with its dotted path and what was expected."""
