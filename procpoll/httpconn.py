@@ -19,6 +19,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
 # and no NUL, as http.client's putheader checks.
 _LEGAL_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])|\x00").search
+# struct timeval (time_t, suseconds_t: both a C long on Linux), for SO_RCVTIMEO/SO_SNDTIMEO.
+_TIMEVAL = struct.Struct("@ll")
+# A kept-alive connection idle longer than this is checked before reuse (the peer may
+# have closed it); a busier one is not: a peer closing a connection idle for less is
+# rare, and the POST on it then fails and is retried on a new connection.
+_IDLE_CHECK_S = 1.0
 # Set by post() itself, whatever the caller passes.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 
@@ -97,6 +104,7 @@ class Origin:
              max_body: int | None = None) -> Reply:
         """POST `body` to `target` within `timeout_s`; at most `max_body` bytes of the
         answer's body are read (None: all of it)."""
+        request = self._request(target, body, headers)
         link = self._link()
         link.deadline.at = time.monotonic() + timeout_s
         try:
@@ -105,7 +113,6 @@ class Origin:
         except (OSError, http.client.HTTPException) as exc:
             link.close()
             raise TransportError(_failure(exc, "ConnectTimeout"), timeout_s) from None
-        request = self._request(target, body, headers)
         response: http.client.HTTPResponse | None = None
         try:
             link.sock.sendall(request)
@@ -117,6 +124,7 @@ class Origin:
             raise TransportError(_failure(exc, "ReadTimeout"), timeout_s) from None
         if response.will_close or not response.isclosed():
             link.close(response)  # the peer says so, or the body's rest is still unread
+        link.used_at = time.monotonic()
         return Reply(response.status, response.msg, data)
 
     def close(self) -> None:
@@ -149,7 +157,8 @@ class Origin:
             self._local.link = link
             with self._lock:
                 self._links.append(link)
-        elif link.sock is not None and _dropped(link.sock):
+        elif (link.sock is not None and time.monotonic() - link.used_at > _IDLE_CHECK_S
+              and _dropped(link.sock)):
             link.close()
         return link
 
@@ -192,11 +201,12 @@ class _Deadline:
 class _Link:
     """One thread's connection: its socket (None until connected) and deadline."""
 
-    __slots__ = ("deadline", "sock")
+    __slots__ = ("deadline", "sock", "used_at")
 
     def __init__(self) -> None:
         self.deadline = _Deadline()
         self.sock: socket.socket | None = None
+        self.used_at = 0.0  # when its last exchange ended (monotonic s)
 
     def close(self, response: http.client.HTTPResponse | None = None) -> None:
         """Close the connection; the answer being read holds the socket open until it
@@ -211,25 +221,45 @@ class _Link:
 class _DeadlineSocket(socket.socket):
     """A TCP socket whose every send and receive ends by its link's deadline.
 
-    The request goes out with sendall; http.client reads the answer through makefile(),
-    whose reads all come down to recv_into.
+    Once connected it blocks, with the kernel's own send and receive timeouts
+    (SO_SNDTIMEO, SO_RCVTIMEO) set to the time left before each call. A Python socket
+    timeout (settimeout) polls before every send and receive: a second system call each,
+    and each gives up the GIL, which in a busy daemon means a thread switch or two. The
+    answer is read through makefile(), whose reads all come down to recv_into.
     """
 
     deadline: _Deadline
 
     def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
-        """sendall, with the socket timeout set to the time left (it bounds the whole call)."""
-        self.settimeout(self.deadline.time_left_s())
-        super().sendall(data, flags)
+        """send until all is sent, each call within the time left."""
+        view = memoryview(data).cast("B")
+        while view:
+            self._limit(socket.SO_SNDTIMEO)
+            try:
+                sent = self.send(view, flags)
+            except BlockingIOError:  # the kernel's timeout
+                raise TimeoutError("timed out") from None
+            view = view[sent:]
 
     def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
-        """recv_into, with the socket timeout set to the time left."""
-        self.settimeout(self.deadline.time_left_s())
-        return super().recv_into(buffer, nbytes, flags)
+        """recv_into within the time left."""
+        self._limit(socket.SO_RCVTIMEO)
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except BlockingIOError:  # the kernel's timeout; makefile() would read it as "no data"
+            raise TimeoutError("timed out") from None
+
+    def _limit(self, option: int) -> None:
+        left_s = self.deadline.time_left_s()
+        seconds = int(left_s)
+        # A zero timeval means no timeout at all: never less than a microsecond.
+        micros = max(int((left_s - seconds) * 1_000_000), 0 if seconds else 1)
+        self.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(seconds, micros))
 
 
 class _DeadlineTLSSocket(ssl.SSLSocket):
-    """The TLS counterpart of _DeadlineSocket: SSLSocket.sendall writes through send."""
+    """The TLS counterpart of _DeadlineSocket, on Python socket timeouts (the ssl module
+    would read a kernel timeout as "want read"): SSLSocket.sendall writes through send."""
 
     deadline: _Deadline
 
@@ -258,6 +288,7 @@ def _open_socket(host: str, port: int, deadline: _Deadline) -> _DeadlineSocket:
             sock.settimeout(deadline.time_left_s())
             sock.connect(address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)  # from now on the kernel's timeouts (see _DeadlineSocket)
         except OSError as exc:
             sock.close()
             if isinstance(exc, TimeoutError):
