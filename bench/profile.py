@@ -9,6 +9,10 @@ holding the GIL, i.e. where the CPU goes; without: also threads py-spy sees as
 running, which includes some blocking socket reads and lock waits), and prints the functions with
 the most samples, self and inclusive, as a share of all on-CPU samples. The collapsed
 stacks are kept in bench/results/profile.txt for flame graphs.
+
+With --perf, Linux `perf record` samples the daemon instead, kernel included, and the
+summary is per shared object and symbol: how much of the CPU is the interpreter, SQLite,
+and the kernel switching threads (py-spy sees none of the kernel's share).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main() -> int:
                         help="only samples holding the GIL: Python CPU, without blocked threads")
     parser.add_argument("--idle", action="store_true",
                         help="every thread, waiting or not: where the wall-clock time goes")
+    parser.add_argument("--perf", action="store_true",
+                        help="sample with Linux perf, kernel included, per symbol")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.txt")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -83,6 +89,12 @@ def main() -> int:
             time.sleep(0.1)
         before = emu.stats()["confirmed"]
         started = time.monotonic()
+        if args.perf:
+            summary = _perf(daemon.pid, args.seconds, workdir, args.top)
+            print(f"{(emu.stats()['confirmed'] - before) / (time.monotonic() - started):.0f}"
+                  f" events/s while profiled\n")
+            print(summary)
+            return 0
         raw = workdir / "raw.txt"
         subprocess.run([py_spy, "record", "--pid", str(daemon.pid), "--duration",
                         str(int(args.seconds)), "--rate", "200", "--format", "raw",
@@ -102,6 +114,21 @@ def main() -> int:
         receiver.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _perf(pid: int, seconds: float, workdir: Path, top: int) -> str:
+    """`perf record` on `pid` for `seconds`; the top symbols, self time, kernel included."""
+    data = workdir / "perf.data"
+    subprocess.run(["perf", "record", "--freq", "999", "--pid", str(pid), "--output",
+                    str(data), "--", "sleep", str(seconds)], check=True, capture_output=True)
+    def report(sort: str, rows: int) -> list[str]:
+        text = subprocess.run(["perf", "report", "--input", str(data), "--stdio", "--sort",
+                               sort], check=True, capture_output=True, text=True).stdout
+        return [line for line in text.splitlines()
+                if line.strip() and not line.startswith("#")][:rows]
+
+    return "\n".join(["share  object", *report("dso", 6), "", "share  object  symbol",
+                      *report("dso,sym", top)])
 
 
 if __name__ == "__main__":
