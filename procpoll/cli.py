@@ -15,6 +15,7 @@ import structlog
 
 from procpoll import __version__, instance_lock, logs
 from procpoll.config import Config, load_config
+from procpoll.cpu import pin_process
 from procpoll.errors import ConfigError, LedgerError, ProcpollError
 
 EX_OK = 0
@@ -292,8 +293,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     shared = bool(worker) or bool(config.ledger.url)
     # The workers of one service split the account's call rate between them.
     shares = config.daemon.processes if worker else 1
+    cpu = _pin(worker) if config.daemon.pin_cpu else None
     return Daemon(config, config_path=args.config, shared_ledger=shared,
-                  rate_shares=shares).run()
+                  rate_shares=shares, cpu=cpu).run()
+
+
+def _pin(worker: str | None) -> int | None:
+    """Keep the process on one CPU, before the daemon starts its threads (they inherit it)."""
+    try:
+        return pin_process(int(worker) if worker and worker.isdigit() else None)
+    except OSError as exc:
+        log.warning(
+            "daemon.cpu_not_pinned", error=str(exc),
+            action="running on every CPU; allow sched_setaffinity or set daemon.pin_cpu = false")
+        return None
 
 
 def _cmd_once(args: argparse.Namespace) -> int:

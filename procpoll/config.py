@@ -75,6 +75,7 @@ class DaemonConfig:
     confirm_margin_s: float = 2.0
     shutdown_grace_s: float = 10.0
     processes: int = 1  # consumer processes under one supervisor ("auto" = the cores)
+    pin_cpu: bool = True  # each consumer process on one CPU (procpoll/cpu.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +264,7 @@ def _daemon(t: Table) -> DaemonConfig:
         confirm_margin_s=t.seconds("confirm_margin", d.confirm_margin_s, high=20),
         shutdown_grace_s=t.seconds("shutdown_grace", d.shutdown_grace_s, high=600),
         processes=_processes(t, d.processes),
+        pin_cpu=t.flag("pin_cpu", d.pin_cpu),
     )
     t.finish()
     return daemon

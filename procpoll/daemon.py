@@ -88,8 +88,9 @@ class Daemon:
                  environ: dict[str, str] | None = None, notifier: Notifier | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  config_path: Path | None = None, shared_ledger: bool = False,
-                 rate_shares: int = 1) -> None:
+                 rate_shares: int = 1, cpu: int | None = None) -> None:
         self.config = config
+        self.cpu = cpu  # the CPU the process keeps to (procpoll/cpu.py), for the log
         self.credentials = CredentialChain(config.credentials, environ)
         self._factory = client_factory or (lambda: TencentVod(config.vod, self.credentials))
         self._notifier = notifier or Notifier.from_env(environ)
@@ -300,7 +301,7 @@ class Daemon:
 
     def _announce(self) -> None:
         secrets = self.credentials.get()
-        log.info("daemon.started", pid=os.getpid(), credentials=secrets.source,
+        log.info("daemon.started", pid=os.getpid(), cpu=self.cpu, credentials=secrets.source,
                  endpoint=self.config.vod.endpoint, sub_app_ids=[a or 0 for a in self.apps],
                  sinks=[r.config.name for r in self.dispatcher.routes],
                  ledger=self.ledger.name, shared_ledger=self.ledger.shared,
@@ -395,7 +396,7 @@ class Daemon:
         # not with the last file read, so a second reload still names what waits.
         restart = [name for name in ("vod", "credentials", "ledger", "metrics") if
                    getattr(new, name) != getattr(running, name)]
-        pools = ("concurrency", "pullers", "max_in_flight", "processes")
+        pools = ("concurrency", "pullers", "max_in_flight", "processes", "pin_cpu")
         restart += [f"daemon.{name}" for name in pools
                     if getattr(new.daemon, name) != getattr(running.daemon, name)]
         applied = dataclasses.replace(

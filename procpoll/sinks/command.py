@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from procpoll.cpu import unpinned
 from procpoll.errors import SinkError
 from procpoll.events import PROCEDURE_STATE_CHANGED
 from procpoll.schema import Table
@@ -287,11 +288,13 @@ class CommandSink:
     def _start(self, delivery: Delivery) -> subprocess.Popen[bytes]:
         argv, cwd = self._options.argv, self._options.cwd
         try:
-            return subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env={**self._environ, **event_environment(delivery)},
-                start_new_session=True, close_fds=True,
-            )
+            with unpinned():
+                return subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, cwd=cwd,
+                    env={**self._environ, **event_environment(delivery)},
+                    start_new_session=True, close_fds=True,
+                )
         except FileNotFoundError as exc:
             missing = exc.filename if exc.filename is not None else argv[0]
             what = "working directory" if cwd is not None and str(missing) == str(cwd) \

@@ -334,8 +334,9 @@ def test_bad_config_reason_is_an_error_in_the_journal(deployed: Deployment) -> N
 
 def test_two_processes_under_the_hardened_unit(deployed: Deployment) -> None:
     """`[daemon] processes = 2` under the unit as shipped (DynamicUser, ProtectProc=invisible,
-    the syscall filter): READY=1 once both workers are up, events delivered and confirmed,
-    each worker paced to half the call rate, and `systemctl stop` ends everything with 0."""
+    the syscall filter): READY=1 once both workers are up, each on a CPU of its own, events
+    delivered and confirmed, each worker paced to half the call rate, and `systemctl stop`
+    ends everything with 0."""
     box = deployed.box
     box.run("systemctl", "stop", UNIT, check=False, timeout_s=START_S)
     box.run("systemctl", "reset-failed", UNIT, check=False)
@@ -357,6 +358,10 @@ def test_two_processes_under_the_hardened_unit(deployed: Deployment) -> None:
         assert wait_until(lambda: len(records("daemon.started")) == 2, START_S), \
             deployed.journal(since)
         assert {r["requests_per_s"] for r in records("daemon.started")} == {47.5}
+        if len(os.sched_getaffinity(0)) >= 2:
+            # The syscall filter lets each worker keep to a CPU of its own ([daemon] pin_cpu).
+            cpus = [r["cpu"] for r in records("daemon.started")]
+            assert all(isinstance(c, int) for c in cpus) and len(set(cpus)) == 2, cpus
         confirmed_before = deployed.emulator("/_emulator/stats")["confirmed"]
         deployed.emulator("/_emulator/events", generate_events(6, seed=31))
         assert wait_until(
