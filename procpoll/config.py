@@ -271,8 +271,11 @@ def _daemon(t: Table) -> DaemonConfig:
 
 
 def _processes(t: Table, default: int) -> int:
-    """[daemon] processes: a count, or "auto" for the machine's cores."""
+    """[daemon] processes: a count, or "auto" for the CPUs this process may use (its
+    CPUAffinity= or container's cpuset, else the machine's)."""
     if t.has("processes") and t.claim("processes", None) == "auto":
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
     value: int = t.integer("processes", default, low=1, high=256)
     return value

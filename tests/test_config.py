@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def test_empty_document_gives_the_documented_defaults() -> None:
     assert config.daemon.concurrency == 32
     assert config.vod.requests_per_s == 95.0
     assert config.daemon.unrouted == "confirm"
+    assert config.daemon.pin_cpu is True
     assert config.ledger.retention_s == 7 * 86_400
     assert [sink.name for sink in config.sinks] == ["archive"]
 
@@ -46,6 +48,22 @@ def test_example_config_passes_check() -> None:
     config = load_config(REPO / "config.example.toml")
     assert {s.type for s in config.sinks} >= {"webhook", "file"}
     assert main(["check", "--strict", "-c", str(REPO / "config.example.toml")]) == 0
+
+
+def test_auto_processes_are_the_cpus_this_process_may_use() -> None:
+    """`processes = "auto"` counts the CPUs of the affinity mask (CPUAffinity=, a
+    container's cpuset), which is what the workers keep to, not every CPU of the host."""
+    config = parse_config(with_sink({"daemon": {"processes": "auto"}}), "cfg.toml")
+    mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    assert config.daemon.processes == (len(mask) if mask else os.cpu_count())
+
+
+def test_pin_cpu_takes_true_or_false_only() -> None:
+    """A pin_cpu that is no boolean is named, with what it takes."""
+    assert parse_config(with_sink({"daemon": {"pin_cpu": False}}), "cfg.toml").daemon.pin_cpu \
+        is False
+    assert problems(with_sink({"daemon": {"pin_cpu": "yes"}})) == [
+        "cfg.toml: daemon.pin_cpu: expected true or false, got a string"]
 
 
 def test_unknown_keys_are_errors_naming_the_dotted_key() -> None:
