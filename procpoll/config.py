@@ -74,7 +74,7 @@ class DaemonConfig:
     max_age_s: float = 2 * DAY_S
     confirm_margin_s: float = 2.0
     shutdown_grace_s: float = 10.0
-    processes: int = 1  # consumer processes under one supervisor ("auto" = the cores)
+    processes: int = 1  # consumer processes under one supervisor ("auto" = the CPUs allowed)
     pin_cpu: bool = True  # each consumer process on one CPU (procpoll/cpu.py)
 
 
