@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_events
-from bench.harness import CLOCK_TICKS, ROOT, DaemonProc, EmulatorProc, ReceiverProc
+from bench.harness import ROOT, DaemonProc, EmulatorProc, ReceiverProc, read_cpu
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Counters:
 
 
 def read_counters(pid: int, confirmed: int) -> Counters:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user_s, system_s = read_cpu(pid)
     voluntary = involuntary = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -52,8 +52,7 @@ def read_counters(pid: int, confirmed: int) -> Counters:
                 voluntary += int(value)
             elif name == "nonvoluntary_ctxt_switches":
                 involuntary += int(value)
-    return Counters(time.monotonic(), confirmed, int(stat[11]) / CLOCK_TICKS,
-                    int(stat[12]) / CLOCK_TICKS, voluntary, involuntary)
+    return Counters(time.monotonic(), confirmed, user_s, system_s, voluntary, involuntary)
 
 
 def measure(source: Path, seconds: float) -> str:

@@ -90,11 +90,16 @@ class ProcReading:
     hwm_mb: float
 
 
+def read_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid`, all threads, from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(stat[11]) / CLOCK_TICKS, int(stat[12]) / CLOCK_TICKS
+
+
 def read_proc(pid: int) -> ProcReading:
     """CPU (user + system, all threads) and memory of `pid` from /proc."""
     now = time.monotonic()
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(stat[11]) + int(stat[12])) / CLOCK_TICKS
+    cpu = sum(read_cpu(pid))
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")

@@ -121,6 +121,7 @@ def _perf(pid: int, seconds: float, workdir: Path, top: int) -> str:
     data = workdir / "perf.data"
     subprocess.run(["perf", "record", "--freq", "999", "--pid", str(pid), "--output",
                     str(data), "--", "sleep", str(seconds)], check=True, capture_output=True)
+
     def report(sort: str, rows: int) -> list[str]:
         text = subprocess.run(["perf", "report", "--input", str(data), "--stdio", "--sort",
                                sort], check=True, capture_output=True, text=True).stdout
